@@ -1,0 +1,136 @@
+"""The QAT linear layer, model preparation and the optimizer's parameter groups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QuantConfig
+from .functional import fake_quantize
+
+DEFAULT_SKIP = ("lm_head", "output", "head")
+
+
+class QATLinear(nn.Linear):
+    """``nn.Linear`` whose weight (per output row) and input activations (per token)
+    are fake-quantized in the forward pass with straight-through gradients."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        weight_quant: QuantConfig | None = None,
+        act_quant: QuantConfig | None = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        for name, cfg in (("weight_quant", weight_quant), ("act_quant", act_quant)):
+            if cfg is not None and not isinstance(cfg, QuantConfig):
+                raise TypeError(f"QATLinear: {name} must be a QuantConfig or None, got {cfg!r}")
+            if cfg is not None:
+                cfg.check_row_length(in_features)
+        self.weight_quant = weight_quant
+        self.act_quant = act_quant
+        self.backend = backend
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **quant) -> "QATLinear":
+        """A QATLinear that holds ``linear``'s own parameter tensors (not copies)."""
+        new = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta", **quant
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def _shares_rotation(self) -> bool:
+        w, a = self.weight_quant, self.act_quant
+        return (
+            w is not None and a is not None and w.hadamard and a.hadamard
+            and w.block_size == a.block_size
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # With one block Hadamard on both sides, Q(x) Q(W)^T = q(x_h) q(W_h)^T: skip both
+        # rotations back to the input space.
+        rotate_back = not self._shares_rotation()
+        w = self.weight
+        if self.weight_quant is not None:
+            w = fake_quantize(w, self.weight_quant, backend=self.backend, rotate_back=rotate_back)
+        if self.act_quant is not None:
+            x = fake_quantize(x, self.act_quant, backend=self.backend, rotate_back=rotate_back)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_quant={self.weight_quant}, act_quant={self.act_quant}"
+
+
+def _skip_fn(skip) -> Callable[[str, nn.Module], bool]:
+    if callable(skip):
+        return skip
+    names = (skip,) if isinstance(skip, str) else tuple(skip or ())
+    return lambda qualified_name, module: qualified_name.rsplit(".", 1)[-1] in names
+
+
+def prepare_qat(
+    model: nn.Module,
+    weight: QuantConfig | None = None,
+    activation: QuantConfig | None = None,
+    skip: Iterable[str] | Callable[[str, nn.Module], bool] | str | None = DEFAULT_SKIP,
+    backend: str = "auto",
+) -> nn.Module:
+    """Swap every ``nn.Linear`` of ``model`` for a :class:`QATLinear`, in place.
+
+    Parameters stay the same tensors under the same ``state_dict`` names. ``skip`` is a
+    set of module names (the last component of the qualified name; by default the output
+    head) or a predicate ``(qualified_name, module) -> bool``. A linear layer whose input
+    width the rotation block does not divide is an error that names the layer.
+    """
+    should_skip = _skip_fn(skip)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not should_skip(name, module)
+    ]
+    for name, linear in targets:
+        try:
+            new = QATLinear.from_linear(linear, weight_quant=weight, act_quant=activation, backend=backend)
+        except ValueError as err:
+            raise ValueError(f"prepare_qat: layer {name!r}: {err}") from None
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model
+
+
+def qat_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups for a prepared model.
+
+    One group per distinct weight QuantConfig (the quantized linear weights, with
+    ``"quant"`` set so CAGE applies to them), one for the other matrices (decayed) and
+    one for vectors such as norms and biases (no decay). Empty groups are left out.
+    """
+    quantized: dict[QuantConfig, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, QATLinear) and module.weight_quant is not None:
+            quantized.setdefault(module.weight_quant, []).append(module.weight)
+            seen.add(id(module.weight))
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": ps, "weight_decay": weight_decay, "quant": cfg} for cfg, ps in quantized.items()]
+    groups.append({"params": decay, "weight_decay": weight_decay, "quant": None})
+    groups.append({"params": no_decay, "weight_decay": 0.0, "quant": None})
+    return [g for g in groups if g["params"]]

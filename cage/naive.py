@@ -1,0 +1,152 @@
+"""Readable pure-torch reference of every kernel.
+
+This is the CPU fallback and the oracle the Triton kernels are tested against. It
+follows SPEC sections 1 and 2 line by line; speed is not its job.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .config import RMS_EPS, QuantConfig
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_cpu(n: int, dtype: torch.dtype) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:  # Sylvester: H_2k = [[H, H], [H, -H]]
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(dtype)
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Orthonormal, symmetric Sylvester Hadamard matrix of size ``n`` (a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard_matrix: n must be a power of two, got {n}")
+    return _hadamard_cpu(n, dtype).to(device)
+
+
+def block_rotate(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Multiply every ``block_size`` chunk of the last dimension by ``H``.
+
+    ``H`` is orthonormal and symmetric, so this map is its own inverse.
+    """
+    h = hadamard_matrix(block_size, x.dtype, x.device)
+    n = x.shape[-1]
+    return (x.reshape(*x.shape[:-1], n // block_size, block_size) @ h).reshape(x.shape)
+
+
+def row_scale(x_h: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """``s = alpha(b) * rms(row)``, shape ``[..., 1]``."""
+    return config.alpha * torch.sqrt(x_h.square().mean(dim=-1, keepdim=True) + RMS_EPS)
+
+
+def quantize_rotated(x_h: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``x_h`` (already rotated, full precision) to the grid; return ``(q_h, mask)``.
+
+    The mask is the straight-through mask of ``config.grad_mask``, in the rotated domain.
+    """
+    s = row_scale(x_h, config)
+    step = 2 * s / (config.levels - 1)
+    q_h = (torch.round(torch.minimum(torch.maximum(x_h, -s), s) / step + 0.5) - 0.5) * step
+    if config.grad_mask == "none":
+        mask = torch.ones_like(x_h, dtype=torch.bool)
+    elif config.grad_mask == "clip":
+        mask = x_h.abs() <= s
+    elif config.bits == 1:
+        # half a step at b=1 is the whole range s; QuEST widens the clip range instead
+        mask = x_h.abs() <= config.one_bit_widening * s
+    else:
+        mask = (q_h - x_h).abs() <= s * config.trust_halfwidth
+    return q_h, mask
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The math runs in fp32 (fp64 inputs keep fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def quantize(x: torch.Tensor, config: QuantConfig, rotate_back: bool = True):
+    """Fake-quantize ``x`` along its last dimension; return ``(q, mask)``.
+
+    ``q`` has ``x``'s dtype; it is ``Q(x)`` in the input space, or the rotated-domain
+    ``q(x_h)`` when ``rotate_back`` is False (for the identity ``Q(x) Q(W)^T = q(x_h) q(W_h)^T``).
+    """
+    x_h = x.to(compute_dtype(x.dtype))
+    if config.hadamard:
+        x_h = block_rotate(x_h, config.block_size)
+    q, mask = quantize_rotated(x_h, config)
+    if config.hadamard and rotate_back:
+        q = block_rotate(q, config.block_size)
+    return q.to(x.dtype), mask
+
+
+def masked_grad(grad: torch.Tensor, mask: torch.Tensor, config: QuantConfig, grad_is_rotated: bool = False):
+    """Straight-through backward: ``H (mask * (H g))`` per block (no rotation without Hadamard).
+
+    With ``grad_is_rotated`` the incoming gradient is already in the rotated domain
+    (the forward skipped its rotation back), so only the final rotation is applied.
+    """
+    g = grad.to(compute_dtype(grad.dtype))
+    if config.hadamard and not grad_is_rotated:
+        g = block_rotate(g, config.block_size)
+    g = g * mask
+    if config.hadamard:
+        g = block_rotate(g, config.block_size)
+    return g.to(grad.dtype)
+
+
+def quantization_error(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """``w - Q(w)`` in ``w``'s dtype (the CAGE correction direction)."""
+    return w - quantize(w, config)[0]
+
+
+def adamw_cage_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    quant: QuantConfig | None,
+    cage_lambda: float,
+    coupling: str,
+) -> None:
+    """One AdamW + CAGE update of one tensor, in place (SPEC 2).
+
+    ``step`` is the step number after incrementing (1 on the first step); ``cage_lambda``
+    is lambda_t for this step. The AdamW part follows ``torch.optim.AdamW``'s
+    single-tensor path operation by operation, so with ``cage_lambda == 0`` an fp32
+    parameter ends bit-identical to it. Moments are fp32 for bf16/fp16 parameters; the
+    math then runs on an fp32 copy that is rounded back into ``param`` at the end.
+    """
+    work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
+    g = grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)
+    cage_on = quant is not None and cage_lambda != 0
+
+    if cage_on and coupling == "coupled":
+        g = g + cage_lambda * quantization_error(work, quant)
+
+    if weight_decay != 0:
+        work.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    work.addcdiv_(exp_avg, denom, value=-step_size)
+
+    if cage_on and coupling == "decoupled":
+        work.sub_(quantization_error(work, quant), alpha=lr * cage_lambda)
+
+    if work is not param:
+        param.copy_(work)

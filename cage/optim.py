@@ -1,0 +1,222 @@
+"""CAGE-AdamW: AdamW plus the curvature-aware quantization correction (SPEC 2)."""
+
+from __future__ import annotations
+
+import copy
+from itertools import chain
+
+import torch
+from torch.optim import Optimizer
+
+from . import backend as _backend
+from . import naive
+from .config import QuantConfig
+
+SCHEDULES = ("linear_ramp", "constant")
+COUPLINGS = ("decoupled", "coupled")
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def cage_lambda_at(step: int, total_steps: int, cage_lambda: float, silence_ratio: float, schedule: str) -> float:
+    """lambda_t for the step numbered ``step`` (counted from 1) of ``total_steps``."""
+    r = step / total_steps
+    if r <= silence_ratio:
+        return 0.0
+    if schedule == "constant":
+        return float(cage_lambda)
+    return cage_lambda * min(1.0, (r - silence_ratio) / (1.0 - silence_ratio))
+
+
+def moment_dtype(param: torch.Tensor) -> torch.dtype:
+    """Moments stay fp32 for half-precision parameters."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def _check_group(group: dict) -> None:
+    def bad(name, accepted):
+        return ValueError(f"CAGEAdamW: {name} must be {accepted}, got {group[name]!r}")
+
+    if not 0.0 <= group["lr"]:
+        raise bad("lr", ">= 0")
+    b1, b2 = group["betas"]
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise bad("betas", "a pair in [0, 1)")
+    if not 0.0 <= group["eps"]:
+        raise bad("eps", ">= 0")
+    if not 0.0 <= group["weight_decay"]:
+        raise bad("weight_decay", ">= 0")
+    t = group["total_steps"]
+    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+        raise bad("total_steps", "a positive integer (the number of optimizer steps of the run)")
+    if not 0.0 <= group["cage_lambda"]:
+        raise bad("cage_lambda", ">= 0")
+    if not 0.0 <= group["silence_ratio"] < 1.0:
+        raise bad("silence_ratio", "in [0, 1)")
+    if group["schedule"] not in SCHEDULES:
+        raise bad("schedule", f"one of {SCHEDULES}")
+    if group["coupling"] not in COUPLINGS:
+        raise bad("coupling", f"one of {COUPLINGS}")
+    quant = group["quant"]
+    if isinstance(quant, dict):
+        group["quant"] = quant = QuantConfig.from_dict(quant)
+    if quant is not None and not isinstance(quant, QuantConfig):
+        raise bad("quant", "a cage.QuantConfig or None")
+    for i, p in enumerate(group["params"]):
+        if not p.is_floating_point():
+            raise TypeError(f"CAGEAdamW: parameter {i} of a group is {p.dtype}; only floating-point parameters are optimized")
+        if quant is not None:
+            if p.dim() < 2:
+                raise ValueError(
+                    f"CAGEAdamW: parameter {i} of a quantized group has shape {tuple(p.shape)}; "
+                    "quantized parameters are matrices quantized per row"
+                )
+            try:
+                quant.check_row_length(p.shape[-1])
+            except ValueError as err:
+                raise ValueError(f"CAGEAdamW: parameter {i} of shape {tuple(p.shape)}: {err}") from None
+
+
+class CAGEAdamW(Optimizer):
+    """AdamW with the CAGE correction for parameter groups that carry ``"quant"``.
+
+    Every parameter gets ``torch.optim.AdamW``'s update (same state keys ``step``,
+    ``exp_avg``, ``exp_avg_sq``). Parameters of a group whose ``"quant"`` is a
+    :class:`QuantConfig` also get the correction ``lambda_t * (w - Q(w))``:
+
+    - ``coupling="decoupled"`` (default): after the AdamW step,
+      ``w <- w - lr * lambda_t * (w - Q(w))`` with ``Q`` of the updated weights;
+    - ``coupling="coupled"``: ``g <- g + lambda_t * (w - Q(w))`` before the step.
+
+    ``lambda_t`` follows ``schedule`` over ``total_steps`` steps: zero while
+    ``t / total_steps <= silence_ratio``, then a linear ramp to ``cage_lambda``
+    (``"linear_ramp"``) or ``cage_lambda`` at once (``"constant"``). With
+    ``lambda_t = 0`` the update is exactly AdamW's. bf16/fp16 parameters keep fp32
+    moments. Gradients are checked for NaN/Inf where that costs no host sync
+    (``check_finite=None``: CPU tensors), always (``True``) or never (``False``).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        total_steps: int,
+        cage_lambda: float = 10.0,
+        silence_ratio: float = 0.8,
+        schedule: str = "linear_ramp",
+        coupling: str = "decoupled",
+        backend: str = "auto",
+        check_finite: bool | None = None,
+    ):
+        _backend.check_backend_name(backend, "CAGEAdamW")
+        if check_finite not in (None, True, False):
+            raise ValueError(f"CAGEAdamW: check_finite must be None, True or False, got {check_finite!r}")
+        self.backend = backend
+        self.check_finite = check_finite
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, total_steps=total_steps,
+            cage_lambda=cage_lambda, silence_ratio=silence_ratio, schedule=schedule,
+            coupling=coupling, quant=None,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    def lambda_at(self, step: int, group: dict | None = None) -> float:
+        g = group if group is not None else self.param_groups[0]
+        return cage_lambda_at(step, g["total_steps"], g["cage_lambda"], g["silence_ratio"], g["schedule"])
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            # step lives on the CPU like torch.optim.AdamW's: reading it never syncs a GPU
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in MOMENT_KEYS:
+                state[key] = torch.zeros_like(p, dtype=moment_dtype(p), memory_format=torch.preserve_format)
+        return state
+
+    def _check_grads(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError("CAGEAdamW does not support sparse gradients")
+                check = self.check_finite if self.check_finite is not None else g.device.type == "cpu"
+                if check and not bool(torch.isfinite(g).all()):
+                    raise FloatingPointError(
+                        f"CAGEAdamW: the gradient of parameter {pi} (shape {tuple(p.shape)}) in param "
+                        f"group {gi} contains NaN or Inf; the step was not taken"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self._init_state(p) for p in params]
+            for s in states:
+                s["step"] += 1
+            device = params[0].device
+            if _backend.resolve(self.backend, device, "CAGEAdamW") == "triton":
+                import cage_kernels  # deferred: Triton is optional
+
+                cage_kernels.adamw_cage_step_group(group, params, states, self.lambda_at)
+            else:
+                self._step_group_torch(group, params, states)
+        return loss
+
+    def _step_group_torch(self, group: dict, params, states) -> None:
+        beta1, beta2 = group["betas"]
+        for p, state in zip(params, states):
+            step = int(state["step"].item())  # a CPU tensor: no device sync
+            naive.adamw_cage_step(
+                p, p.grad, state["exp_avg"], state["exp_avg_sq"], step,
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], quant=group["quant"],
+                cage_lambda=self.lambda_at(step, group), coupling=group["coupling"],
+            )
+
+    # ---- state dicts: QuantConfig travels as a plain dict (loads with weights_only=True),
+    # and fp32 moments of half-precision parameters are never cast down on load.
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            if isinstance(g.get("quant"), QuantConfig):
+                g["quant"] = g["quant"].to_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        state_dict["param_groups"] = copy.deepcopy(state_dict["param_groups"])
+        for g in state_dict["param_groups"]:
+            if isinstance(g.get("quant"), dict):
+                g["quant"] = QuantConfig.from_dict(g["quant"])
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        id_to_param = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
+        for pid, saved in saved_state.items():
+            p = id_to_param[pid]
+            for key in MOMENT_KEYS:
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=moment_dtype(p), copy=True)
+        for group in self.param_groups:
+            _check_group(group)
