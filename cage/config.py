@@ -24,7 +24,7 @@ ONE_BIT_TRUST_WIDENING = {True: 1.3, False: 1.25}
 
 # Added to the mean square before the square root, so that an all-zero row gets a
 # tiny positive scale instead of a division by zero.
-RMS_EPS = 1e-12
+RMS_EPS = 1e-20
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,14 +44,19 @@ def row_scale(x_h: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     return config.alpha * torch.sqrt(x_h.square().mean(dim=-1, keepdim=True) + RMS_EPS)
 
 
+def round_to_grid(x_h: torch.Tensor, s: torch.Tensor, levels: int) -> torch.Tensor:
+    """Nearest of ``levels`` evenly spaced levels in ``[-s, s]`` (no zero level), ties to even."""
+    step = 2 * s / (levels - 1)
+    return (torch.round(torch.minimum(torch.maximum(x_h, -s), s) / step + 0.5) - 0.5) * step
+
+
 def quantize_rotated(x_h: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Round ``x_h`` (already rotated, full precision) to the grid; return ``(q_h, mask)``.
 
     The mask is the straight-through mask of ``config.grad_mask``, in the rotated domain.
     """
     s = row_scale(x_h, config)
-    step = 2 * s / (config.levels - 1)
-    q_h = (torch.round(torch.minimum(torch.maximum(x_h, -s), s) / step + 0.5) - 0.5) * step
+    q_h = round_to_grid(x_h, s, config.levels)
     if config.grad_mask == "none":
         mask = torch.ones_like(x_h, dtype=torch.bool)
     elif config.grad_mask == "clip":
@@ -75,7 +80,7 @@ def quantize(x: torch.Tensor, config: QuantConfig, rotate_back: bool = True):
     ``q`` has ``x``'s dtype; it is ``Q(x)`` in the input space, or the rotated-domain
     ``q(x_h)`` when ``rotate_back`` is False (for the identity ``Q(x) Q(W)^T = q(x_h) q(W_h)^T``).
     """
-    x_h = x.to(compute_dtype(x.dtype))
+    x_h = x.to(compute_dtype(x.dtype)).contiguous()  # layout must not change the rounding
     if config.hadamard:
         x_h = block_rotate(x_h, config.block_size)
     q, mask = quantize_rotated(x_h, config)
@@ -90,7 +95,7 @@ def masked_grad(grad: torch.Tensor, mask: torch.Tensor, config: QuantConfig, gra
     With ``grad_is_rotated`` the incoming gradient is already in the rotated domain
     (the forward skipped its rotation back), so only the final rotation is applied.
     """
-    g = grad.to(compute_dtype(grad.dtype))
+    g = grad.to(compute_dtype(grad.dtype)).contiguous()
     if config.hadamard and not grad_is_rotated:
         g = block_rotate(g, config.block_size)
     g = g * mask
