@@ -111,16 +111,16 @@ def _walk_sorted(root: Path, suffix: str | None = None) -> list[Path]:
 
 
 def _join(root: Path, paths: list[Path], cap_bytes: int | None = None) -> tuple[bytes, list[str]]:
+    """The files' bytes joined by DOC_SEPARATOR. With a cap, files that would overflow it are
+    left out (in order: a later, smaller file may still fit)."""
     parts, names, total = [], [], 0
     for p in paths:
-        data = p.read_bytes()
-        if not data:
+        size = p.stat().st_size
+        if size == 0 or (cap_bytes is not None and total + size > cap_bytes):
             continue
-        if cap_bytes is not None and total + len(data) > cap_bytes:
-            break
-        parts.append(data)
+        parts.append(p.read_bytes())
         names.append(p.relative_to(root).as_posix() if p != root else p.name)
-        total += len(data) + len(DOC_SEPARATOR)
+        total += size + len(DOC_SEPARATOR)
     return DOC_SEPARATOR.join(parts), names
 
 
@@ -129,15 +129,17 @@ def _corpus(blob: bytes, source: str, files: list[str], root: Path) -> Corpus:
     return Corpus(tokens=tokens, source=source, files=files, root=str(root))
 
 
-def load_stdlib_corpus(cap_bytes: int = STDLIB_CAP_BYTES) -> Corpus:
-    """The standard library's ``.py`` files (site-packages and tests left out), sorted, capped."""
+# Left out of the stdlib corpus: installed packages, test suites, and the codec tables of
+# `encodings` (megabytes of hex literals rather than code).
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "encodings"}
+
+
+def load_stdlib_corpus(cap_bytes: int | None = None) -> Corpus:
+    """The standard library's ``.py`` files, sorted, up to ``cap_bytes`` (default
+    ``STDLIB_CAP_BYTES``)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    paths = [
-        p
-        for p in _walk_sorted(root, ".py")
-        if not {"site-packages", "dist-packages", "test", "tests"} & set(p.relative_to(root).parts[:-1])
-    ]
-    blob, names = _join(root, paths, cap_bytes)
+    paths = [p for p in _walk_sorted(root, ".py") if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1])]
+    blob, names = _join(root, paths, STDLIB_CAP_BYTES if cap_bytes is None else cap_bytes)
     if not blob:
         raise FileNotFoundError(f"no Python sources found under the standard library folder {root}")
     return _corpus(blob, "stdlib", names, root)

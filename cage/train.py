@@ -600,7 +600,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     # A resumed run keeps its checkpoint's settings; a stop_after of the earlier session does
     # not carry over (it would stop again at once).
     base = dataclasses.replace(checkpoint_config(out), stop_after=None)
-    return dataclasses.replace(base, **given, out=out, resume=True)
+    return dataclasses.replace(base, **{**given, "out": out, "resume": True})
 
 
 def run(args: argparse.Namespace) -> int:
