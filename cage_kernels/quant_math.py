@@ -1,0 +1,126 @@
+"""Device helpers shared by the kernels: chunk addressing, rounding, the QuEST grid
+(SPEC 1) on a chunk held in registers, the bit-packed mask, bf16 stores."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .hadamard import rotate_tiles
+
+# Grad-mask modes as the kernels see them. The 1-bit "trust" mask is a widened clip.
+MASK_NONE = 0
+MASK_CLIP = 1  # |x_h| <= radius * s
+MASK_TRUST = 2  # |q_h - x_h| <= s * radius
+
+
+def mask_mode_and_radius(config) -> tuple[int, float]:
+    """The kernel's (mode, radius in units of s) for a QuantConfig, as naive.quantize_rotated."""
+    if config.grad_mask == "none":
+        return MASK_NONE, 0.0
+    if config.grad_mask == "clip":
+        return MASK_CLIP, 1.0
+    if config.bits == 1:
+        return MASK_CLIP, config.one_bit_widening
+    return MASK_TRUST, config.trust_halfwidth
+
+
+@triton.jit
+def chunk_offsets(rows, row_ok, n_cols, col_start, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr):
+    """Element offsets ``[BLOCK_ROWS, TILES, ROT_WIDTH]`` (int64: rows are int64) of the
+    chunk that starts at column ``col_start``, and where they are inside the tensor."""
+    cols = col_start + tl.arange(0, TILES)[:, None] * ROT_WIDTH + tl.arange(0, ROT_WIDTH)[None, :]
+    offsets = rows[:, None, None] * n_cols + cols[None, :, :]
+    in_bounds = row_ok[:, None, None] & (cols < n_cols)[None, :, :]
+    return offsets, in_bounds
+
+
+@triton.jit
+def round_half_even(v):
+    """Round to the nearest integer, ties to even, for |v| < 2**22 (ours: |v| <= 129).
+
+    Adding 1.5 * 2**23 leaves no fraction bits, so the fp32 add rounds like rint; the
+    subtraction is exact. Works compiled and interpreted (no libdevice, SPEC 5)."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def store_rounded(ptrs, value, in_bounds):
+    """Store fp32 ``value`` into ``ptrs``' dtype, rounding to nearest even.
+
+    The interpreter truncates fp32 -> bf16 (SPEC 5); rounding the bits first makes the
+    cast exact in both modes (NaN payloads aside)."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def row_sum_squares(chunk):
+    return tl.sum(tl.sum(chunk * chunk, axis=2), axis=1)
+
+
+@triton.jit
+def row_scale(sum_squares, n_cols, alpha, RMS_EPS: tl.constexpr):
+    """``s = alpha * sqrt(mean(x**2) + eps)``: the rotation is orthonormal, so the
+    mean square of the unrotated row is that of the rotated one (SPEC 1 step 2)."""
+    mean_square = tl.div_rn(sum_squares, n_cols.to(tl.float32))
+    return alpha * tl.sqrt_rn(mean_square + RMS_EPS)
+
+
+@triton.jit
+def quantize_chunk(
+    x, rot, scale, inv_sqrt_block, mask_radius,
+    BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr, LEVELS: tl.constexpr,
+    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, MASK_MODE: tl.constexpr,
+    X_DOT_DTYPE: tl.constexpr, LEVEL_DOT_DTYPE: tl.constexpr,
+):
+    """QuEST fake quantization of a chunk of whole rotation blocks (SPEC 1 steps 1, 3, 4).
+
+    x: fp32 ``[BLOCK_ROWS, TILES, ROT_WIDTH]``; scale: fp32 ``[BLOCK_ROWS]``, the row's s.
+    Returns ``(q, keep)``: q fp32, ``Q(x)`` in the input space (or the rotated ``q(x_h)``
+    when not ROTATE_BACK); keep the straight-through mask in the rotated domain
+    (meaningless for MASK_NONE).
+    """
+    if HADAMARD:
+        x_h = rotate_tiles(x, rot, BLOCK_ROWS, TILES, ROT_WIDTH, X_DOT_DTYPE) * inv_sqrt_block
+    else:
+        x_h = x
+    s = scale[:, None, None]
+    step = tl.div_rn(2.0 * s, tl.full(s.shape, LEVELS - 1, tl.float32))
+    clipped = tl.minimum(tl.maximum(x_h, -s), s)
+    # grid level k - 0.5, a half-integer in [-(LEVELS-1)/2, (LEVELS-1)/2]
+    level = round_half_even(tl.div_rn(clipped, step) + 0.5) - 0.5
+    q_h = level * step
+    if MASK_MODE == 1:
+        keep = tl.abs(x_h) <= mask_radius * s
+    elif MASK_MODE == 2:
+        keep = tl.abs(q_h - x_h) <= s * mask_radius
+    else:
+        keep = x_h == x_h
+    if HADAMARD and ROTATE_BACK:
+        # rotate the levels, not q_h: they are exact in bf16, so this product is exact
+        q = rotate_tiles(level, rot, BLOCK_ROWS, TILES, ROT_WIDTH, LEVEL_DOT_DTYPE) * (step * inv_sqrt_block)
+    else:
+        q = q_h
+    return q, keep
+
+
+@triton.jit
+def pack_mask_bits(keep, in_bounds, BLOCK_ROWS: tl.constexpr, CHUNK_WIDTH: tl.constexpr):
+    """``[BLOCK_ROWS, CHUNK_WIDTH // 8]`` uint8: bit j of byte i is column 8*i + j."""
+    bits = tl.reshape((keep & in_bounds).to(tl.int32), (BLOCK_ROWS, CHUNK_WIDTH // 8, 8))
+    weights = 1 << tl.arange(0, 8)
+    return tl.sum(bits * weights[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def load_mask_bits(mask_ptr, rows, row_ok, row_bytes, n_cols, col_start, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr):
+    """The packed mask of a chunk, unpacked to int1 ``[BLOCK_ROWS, TILES, ROT_WIDTH]``."""
+    cols = col_start + tl.arange(0, TILES)[:, None] * ROT_WIDTH + tl.arange(0, ROT_WIDTH)[None, :]
+    in_bounds = row_ok[:, None, None] & (cols < n_cols)[None, :, :]
+    byte_ptrs = mask_ptr + rows[:, None, None] * row_bytes + (cols // 8)[None, :, :]
+    packed = tl.load(byte_ptrs, mask=in_bounds, other=0).to(tl.int32)
+    return ((packed >> (cols % 8)[None, :, :]) & 1) != 0
