@@ -27,6 +27,34 @@ def cage_lambda_at(step: int, total_steps: int, cage_lambda: float, silence_rati
     return cage_lambda * min(1.0, (r - silence_ratio) / (1.0 - silence_ratio))
 
 
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
+    return DTensor
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The process-local shard of a DTensor (FSDP2), sharing its storage; ``t`` otherwise."""
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _check_whole_rows(p: torch.Tensor, index: int) -> None:
+    """CAGE quantizes whole rows: a sharded parameter must be split between rows."""
+    for placement in getattr(p, "placements", ()):
+        dim = getattr(placement, "dim", None)
+        if placement.is_shard() and dim is not None and dim % p.dim() == p.dim() - 1:
+            raise ValueError(
+                f"CAGEAdamW: quantized parameter {index} (shape {tuple(p.shape)}) is sharded along its "
+                "last dimension, which splits the rows CAGE quantizes; shard along dim 0 "
+                "(FSDP2's default) or keep it replicated"
+            )
+
+
 def moment_dtype(param: torch.Tensor) -> torch.dtype:
     """Moments stay fp32 for half-precision parameters."""
     return torch.promote_types(param.dtype, torch.float32)
@@ -70,6 +98,7 @@ def _check_group(group: dict) -> None:
                     f"CAGEAdamW: parameter {i} of a quantized group has shape {tuple(p.shape)}; "
                     "quantized parameters are matrices quantized per row"
                 )
+            _check_whole_rows(p, i)
             try:
                 quant.check_row_length(p.shape[-1])
             except ValueError as err:
@@ -169,21 +198,25 @@ class CAGEAdamW(Optimizer):
             states = [self._init_state(p) for p in params]
             for s in states:
                 s["step"] += 1
-            device = params[0].device
-            if _backend.resolve(self.backend, device, "CAGEAdamW") == "triton":
+            # Rows are whole on every process (checked at construction), so FSDP2's
+            # sharded parameters are updated shard by shard, in place, through local views.
+            local_params = [local_tensor(p) for p in params]
+            local_grads = [local_tensor(p.grad) for p in params]
+            local_states = [{k: local_tensor(v) for k, v in s.items()} for s in states]
+            if _backend.resolve(self.backend, local_params[0].device, "CAGEAdamW") == "triton":
                 import cage_kernels  # deferred: Triton is optional
 
                 cage_kernels.adamw_cage_step_group(group, params, states, self.lambda_at)
             else:
-                self._step_group_torch(group, params, states)
+                self._step_group_torch(group, local_params, local_grads, local_states)
         return loss
 
-    def _step_group_torch(self, group: dict, params, states) -> None:
+    def _step_group_torch(self, group: dict, params, grads, states) -> None:
         beta1, beta2 = group["betas"]
-        for p, state in zip(params, states):
+        for p, grad, state in zip(params, grads, states):
             step = int(state["step"].item())  # a CPU tensor: no device sync
             naive.adamw_cage_step(
-                p, p.grad, state["exp_avg"], state["exp_avg_sq"], step,
+                p, grad, state["exp_avg"], state["exp_avg_sq"], step,
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], quant=group["quant"],
                 cage_lambda=self.lambda_at(step, group), coupling=group["coupling"],
