@@ -23,6 +23,7 @@ torch backend bit for bit under the interpreter when lambda_t = 0.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import torch
 import triton
@@ -43,7 +44,7 @@ from .tiling import (
     tl_dtype,
 )
 
-RECORD = 8  # int64 fields per tensor in the tensor table (7 used, padded)
+RECORD: tl.constexpr = 8  # int64 fields per tensor in the tensor table (7 used, padded)
 # Plain AdamW views a tensor as rows of this many elements (one chunk each).
 PLAIN_ROW = 8 * PLAIN_TILE_WIDTH
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -118,7 +119,7 @@ def _adamw_cage_kernel(
     tile = tl.program_id(0)
     tensor = tl.load(tile_table + 2 * tile)
     first_row = tl.load(tile_table + 2 * tile + 1)
-    record = tensor_table + tensor * 8
+    record = tensor_table + tensor * RECORD
     param_ptr = tl.load(record).to(tl.pointer_type(PARAM_DTYPE))
     grad_ptr = tl.load(record + 1).to(tl.pointer_type(GRAD_DTYPE))
     exp_avg_ptr = tl.load(record + 2).to(tl.pointer_type(MOMENT_DTYPE))
@@ -196,21 +197,30 @@ _TABLE_CACHE: collections.OrderedDict = collections.OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
 
-def _device_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    key = (values, str(device))
-    table = _TABLE_CACHE.get(key)
-    if table is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return table
-    table = torch.tensor(values, dtype=torch.int64)
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":  # pinned + non_blocking: the copy is queued, not waited on
-        table = table.pin_memory().to(device, non_blocking=True)
-    else:
-        table = table.to(device)
-    _TABLE_CACHE[key] = table
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
+def _launch_tables(records: tuple[int, ...], block_rows: int, device: torch.device):
+    """``(tensor table, tile table, number of tiles)`` on ``device``, cached."""
+    key = (records, block_rows, str(device))
+    cached = _TABLE_CACHE.get(key)
+    if cached is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return cached
+    tensor_table = torch.tensor(records, dtype=torch.int64)
+    tiles_per_tensor = (tensor_table.view(-1, RECORD)[:, 4] + block_rows - 1) // block_rows
+    tensor_index = torch.repeat_interleave(torch.arange(len(tiles_per_tensor)), tiles_per_tensor)
+    first_tile = torch.cumsum(tiles_per_tensor, 0) - tiles_per_tensor
+    first_row = (torch.arange(len(tensor_index)) - first_tile[tensor_index]) * block_rows
+    tile_table = torch.stack([tensor_index, first_row], dim=1).reshape(-1)
+    cached = (_to_device(tensor_table, device), _to_device(tile_table, device), len(tensor_index))
+    _TABLE_CACHE[key] = cached
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
-    return table
+    return cached
 
 
 def _kernel_can_step(p: torch.Tensor, grad: torch.Tensor, state: dict, quant) -> bool:
@@ -227,23 +237,20 @@ def _kernel_can_step(p: torch.Tensor, grad: torch.Tensor, state: dict, quant) ->
     )
 
 
-def _launch_bucket(items, tiling, *, cage, quant, coupled, lr, lam, beta1, beta2, eps, weight_decay, step):
+def _launch_bucket(items, blocking, *, cage, quant, coupled, lr, lam, beta1, beta2, eps, weight_decay, step):
     p0, g0, exp_avg0, _ = items[0]
     device = p0.device
-    records, tiles = [], []
-    for index, (p, grad, exp_avg, exp_avg_sq) in enumerate(items):
-        if cage:
+    records = []
+    for p, grad, exp_avg, exp_avg_sq in items:
+        if cage:  # a program owns whole rows of the matrix
             n_cols = p.shape[-1]
             n_rows = p.numel() // n_cols
-        else:
-            n_cols = tiling.chunk_width
+        else:  # plain AdamW: any rows will do
+            n_cols = blocking.chunk_width
             n_rows = triton.cdiv(p.numel(), n_cols)
         records += [p.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
                     n_rows, n_cols, p.numel(), 0]
-        for first_row in range(0, n_rows, tiling.block_rows):
-            tiles += [index, first_row]
-    tensor_table = _device_table(tuple(records), device)
-    tile_table = _device_table(tuple(tiles), device)
+    tensor_table, tile_table, n_tiles = _launch_tables(tuple(records), blocking.block_rows, device)
 
     interpreted = is_interpreted(_adamw_cage_kernel)
     hadamard = cage and quant.hadamard
@@ -251,26 +258,25 @@ def _launch_bucket(items, tiling, *, cage, quant, coupled, lr, lam, beta1, beta2
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     beta1_weight = 1 - beta1
-    _adamw_cage_kernel[(len(tiles) // 2,)](
+    _adamw_cage_kernel[(n_tiles,)](
         tensor_table, tile_table, rot,
         1 - lr * weight_decay, beta1_weight, beta2, 1 - beta2, -(lr / bias_correction1),
         bias_correction2**0.5, eps,
         lam, lr * lam, quant.alpha if cage else 0.0, inv_sqrt_block,
         PARAM_DTYPE=tl_dtype(p0.dtype), GRAD_DTYPE=tl_dtype(g0.dtype), MOMENT_DTYPE=tl_dtype(exp_avg0.dtype),
-        BLOCK_ROWS=tiling.block_rows, TILES=tiling.tiles, ROT_WIDTH=tiling.rot_width,
-        SINGLE_CHUNK=tiling.single_chunk, LERP_SMALL_WEIGHT=abs(beta1_weight) < 0.5,
+        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
+        SINGLE_CHUNK=blocking.single_chunk, LERP_SMALL_WEIGHT=abs(beta1_weight) < 0.5,
         CAGE=cage, COUPLED=coupled, HADAMARD=hadamard, LEVELS=quant.levels if cage else 2,
         RMS_EPS=RMS_EPS, X_DOT_DTYPE=tl.float32, LEVEL_DOT_DTYPE=level_dot_dtype(interpreted),
-        num_warps=tiling.num_warps,
+        num_warps=blocking.num_warps,
     )
 
 
-def adamw_cage_step_group(group: dict, params, states, lambda_at, *, max_chunk: int | None = None) -> None:
+def adamw_cage_step_group(group: dict, params, states, lambda_at) -> None:
     """One CAGE-AdamW step of every param (with a gradient) of ``group``, in place.
 
     Same math as ``cage.naive.adamw_cage_step`` per parameter. ``states[i]["step"]`` is
     the CPU step counter, already incremented; ``lambda_at(step, group)`` gives lambda_t.
-    ``max_chunk`` caps the row chunk held in registers (tests: force the two-sweep path).
     """
     beta1, beta2 = group["betas"]
     lr, eps, weight_decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
@@ -292,18 +298,21 @@ def adamw_cage_step_group(group: dict, params, states, lambda_at, *, max_chunk: 
         if cage:
             n_cols = p.shape[-1]
             # n_rows is not a blocking input here, so that matrices of one width share a launch
-            tiling = plan_rows(
+            blocking = plan_rows(
                 1 << 30, n_cols, quant_rot_width(quant.hadamard, quant.block_size, n_cols),
-                uses_dot=quant.hadamard, interpreted=interpreted, max_chunk=max_chunk,
+                uses_dot=quant.hadamard, interpreted=interpreted,
             )
         else:
-            tiling = plan_rows(1 << 30, PLAIN_ROW, PLAIN_TILE_WIDTH, uses_dot=False, interpreted=interpreted)
-        if not tiling.single_chunk:  # rows of different lengths differ only in their chunk count
-            tiling = type(tiling)(tiling.rot_width, tiling.tiles, tiling.block_rows, n_chunks=2)
-        key = (step, lam, cage, p.dtype, grad.dtype, p.device, tiling)
+            blocking = plan_rows(
+                1 << 30, PLAIN_ROW, PLAIN_TILE_WIDTH, uses_dot=False, interpreted=interpreted, max_chunk=PLAIN_ROW
+            )
+        if not blocking.single_chunk:
+            # the kernel loops over a row's chunks at run time: longer rows share the launch
+            blocking = dataclasses.replace(blocking, n_chunks=2)
+        key = (step, lam, cage, p.dtype, grad.dtype, p.device, blocking)
         buckets[key].append((p, grad.contiguous(), state["exp_avg"], state["exp_avg_sq"]))
-    for (step, lam, cage, *_rest, tiling), items in buckets.items():
+    for (step, lam, cage, *_rest, blocking), items in buckets.items():
         _launch_bucket(
-            items, tiling, cage=cage, quant=quant, coupled=coupled, lr=lr, lam=lam, beta1=beta1,
+            items, blocking, cage=cage, quant=quant, coupled=coupled, lr=lr, lam=lam, beta1=beta1,
             beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
         )

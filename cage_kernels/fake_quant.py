@@ -152,10 +152,9 @@ def uses_kernel(dtype: torch.dtype, config: QuantConfig) -> bool:
 
 
 def fake_quant_forward(
-    x: torch.Tensor, config: QuantConfig, rotate_back: bool = True, *, max_chunk: int | None = None
+    x: torch.Tensor, config: QuantConfig, rotate_back: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Q(x) in x's dtype and shape, contiguous; packed mask)``. ``max_chunk`` overrides
-    the longest row chunk held in registers (tests use it to force the two-sweep path)."""
+    """``(Q(x) in x's dtype and shape, contiguous; packed mask)``."""
     n_cols = x.shape[-1] if x.dim() else 1
     mode, radius = mask_mode_and_radius(config)
     if not uses_kernel(x.dtype, config):
@@ -173,21 +172,21 @@ def fake_quant_forward(
         return q, mask
 
     interpreted = is_interpreted(_fake_quant_fwd_kernel)
-    tiling = plan_rows(
+    blocking = plan_rows(
         n_rows, n_cols, quant_rot_width(config.hadamard, config.block_size, n_cols),
-        uses_dot=config.hadamard, interpreted=interpreted, max_chunk=max_chunk,
+        uses_dot=config.hadamard, interpreted=interpreted,
     )
     rot, inv_sqrt_block = load_rotation_args(config.hadamard, config.block_size, x.device, dummy=x)
-    grid = (triton.cdiv(n_rows, tiling.block_rows),)
+    grid = (triton.cdiv(n_rows, blocking.block_rows),)
     _fake_quant_fwd_kernel[grid](
         x, q, mask if mask.numel() else q, rot,
         n_rows, n_cols, mask_bytes_per_row(n_cols),
         config.alpha, inv_sqrt_block, radius,
-        BLOCK_ROWS=tiling.block_rows, TILES=tiling.tiles, ROT_WIDTH=tiling.rot_width,
-        SINGLE_CHUNK=tiling.single_chunk, LEVELS=config.levels, HADAMARD=config.hadamard,
+        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
+        SINGLE_CHUNK=blocking.single_chunk, LEVELS=config.levels, HADAMARD=config.hadamard,
         ROTATE_BACK=rotate_back, MASK_MODE=mode, RMS_EPS=RMS_EPS,
         X_DOT_DTYPE=exact_dot_dtype(x.dtype, interpreted), LEVEL_DOT_DTYPE=level_dot_dtype(interpreted),
-        num_warps=tiling.num_warps,
+        num_warps=blocking.num_warps,
     )
     return q, mask
 

@@ -18,6 +18,7 @@ from cage.config import QuantConfig
 from .fake_quant import mask_to_bool, uses_kernel
 from .hadamard import load_rotation, load_rotation_args, rotate_tiles
 from .quant_math import chunk_offsets, load_mask_bits, store_rounded
+from . import tiling
 from .tiling import exact_dot_dtype, is_interpreted, plan_rows, quant_rot_width
 
 # A chunk of the backward never needs the whole row: keep chunks modest.
@@ -51,8 +52,7 @@ def _fake_quant_bwd_kernel(
 
 
 def fake_quant_backward(
-    grad: torch.Tensor, mask_state: torch.Tensor, config: QuantConfig, grad_is_rotated: bool = False,
-    *, max_chunk: int | None = None,
+    grad: torch.Tensor, mask_state: torch.Tensor, config: QuantConfig, grad_is_rotated: bool = False
 ) -> torch.Tensor:
     """The straight-through gradient for the input, in ``grad``'s dtype and shape (contiguous)."""
     if not uses_kernel(grad.dtype, config):
@@ -72,19 +72,19 @@ def fake_quant_backward(
     if grad.numel() == 0:
         return out
     interpreted = is_interpreted(_fake_quant_bwd_kernel)
-    tiling = plan_rows(
+    blocking = plan_rows(
         n_rows, n_cols, quant_rot_width(config.hadamard, config.block_size, n_cols),
-        uses_dot=config.hadamard, interpreted=interpreted, max_chunk=max_chunk or BACKWARD_CHUNK_MAX,
+        uses_dot=config.hadamard, interpreted=interpreted, max_chunk=min(BACKWARD_CHUNK_MAX, tiling.ROW_CHUNK_MAX),
     )
     rot, inv_sqrt_block = load_rotation_args(config.hadamard, config.block_size, grad.device, dummy=grad)
-    grid = (triton.cdiv(n_rows, tiling.block_rows), tiling.n_chunks)
+    grid = (triton.cdiv(n_rows, blocking.block_rows), blocking.n_chunks)
     _fake_quant_bwd_kernel[grid](
         grad, mask_state if apply_mask else grad, out, rot,
         n_rows, n_cols, (n_cols + 7) // 8, inv_sqrt_block,
-        BLOCK_ROWS=tiling.block_rows, TILES=tiling.tiles, ROT_WIDTH=tiling.rot_width,
+        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
         ROTATE_IN=rotate_in, ROTATE_OUT=rotate_out, APPLY_MASK=apply_mask,
         GRAD_DOT_DTYPE=exact_dot_dtype(grad.dtype, interpreted),
-        num_warps=tiling.num_warps,
+        num_warps=blocking.num_warps,
     )
     return out
 

@@ -77,8 +77,8 @@ def plan_rows(
 ) -> RowTiling:
     """Blocking for rows of ``n_cols`` columns cut into ``rot_width``-wide tiles.
 
-    ``max_chunk`` (default ROW_CHUNK_MAX) caps the columns held at once; tests lower it
-    to exercise the two-sweep path on small rows.
+    ``max_chunk`` (default ROW_CHUNK_MAX, read at call time: tests lower it to exercise
+    the two-sweep path on small rows) caps the columns held at once.
     """
     max_chunk = max(max_chunk or ROW_CHUNK_MAX, rot_width)
     n_tiles = triton.cdiv(n_cols, rot_width)
