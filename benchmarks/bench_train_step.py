@@ -1,0 +1,208 @@
+"""One full QAT training step (forward, backward, clipping, optimizer) of a Llama.
+
+    python -m benchmarks.bench_train_step                # GPU: the 800M preset (~0.95B with vocab 32000)
+    TRITON_INTERPRET=1 python -m benchmarks.bench_train_step --preset tiny --device cpu   # smoke run
+
+Rows (same model shape, same seed, same batch; bf16 autocast on CUDA, fp32 on CPU as in
+``cage.train``; gradient clipping at 1.0 in every row):
+
+- ``bf16``: no quantization, ``torch.optim.AdamW(fused=True)``;
+- ``quest-eager``: W4A4 QuEST (Hadamard 128, trust mask) with the torch reference quantizer,
+  ``AdamW(fused=True)``;
+- ``quest-triton``: the same with the Triton fake-quant kernels (isolates the quantizer's cost);
+- ``cage-eager``: QuEST W4A4 + ``CAGEAdamW(backend="torch")``: everything in eager torch;
+- ``cage-triton``: QuEST W4A4 + ``CAGEAdamW(backend="triton")``: the project's kernels end to end.
+
+CAGE rows time an active correction (``silence_ratio=0``, ``schedule="constant"``, lambda 10).
+Reported: median step time, tokens/s and the time ratio to the ``bf16`` row of the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+from . import common
+
+METHODS = ("bf16", "quest-eager", "quest-triton", "cage-eager", "cage-triton")
+BITS = 4
+LR = 1e-4
+CAGE_LAMBDA = 10.0
+
+
+def _model_presets():
+    from cage.model import PRESETS as MODEL_PRESETS
+
+    return ["tiny"] + [p for p in MODEL_PRESETS if p[0].isdigit()]
+
+
+def build_config(preset: str, vocab: int | None, seq: int):
+    from cage.model import config_from_preset
+
+    if preset == "tiny":  # one layer: every Triton call costs ~0.1 s under the interpreter
+        return config_from_preset("tiny", n_layers=1, vocab_size=vocab or 256, max_seq_len=seq)
+    return config_from_preset(preset, vocab_size=vocab or 32000, max_seq_len=seq)
+
+
+def quant_block(cfg) -> int:
+    b = 128
+    while b > 1 and (cfg.dim % b or cfg.ffn_dim % b):
+        b //= 2
+    return b
+
+
+def build(method: str, mcfg, device):
+    """``(model, optimizer)`` for one row, from the same seed."""
+    from cage import CAGEAdamW, QuantConfig, prepare_qat, qat_param_groups
+    from cage.model import Llama
+
+    torch.manual_seed(0)
+    model = Llama(mcfg).to(device)
+    if method != "bf16":
+        q = QuantConfig(bits=BITS, hadamard=True, block_size=quant_block(mcfg), grad_mask="trust")
+        backend = "triton" if method.endswith("triton") else "torch"
+        prepare_qat(model, weight=q, activation=q, backend=backend)
+    groups = qat_param_groups(model, 0.1)
+    if method.startswith("cage"):
+        opt = CAGEAdamW(
+            groups, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, total_steps=10**9, cage_lambda=CAGE_LAMBDA,
+            silence_ratio=0.0, schedule="constant", backend="triton" if method.endswith("triton") else "torch",
+        )
+    else:
+        for g in groups:
+            g.pop("quant", None)
+        opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    return model, opt
+
+
+def make_step(model, opt, idx, targets, device, clip: float):
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    last = {}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            _, loss = model(idx, targets)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        last["loss"] = loss
+
+    step.last = last
+    return step
+
+
+COLUMNS = [
+    ("method", "method"), ("ms", "step ms"), ("tokens_per_s", "tokens/s"), ("t/bf16", "t / bf16"),
+    ("peak_mem_gib", "peak GiB"), ("loss", "loss after"), ("status", "status"),
+]
+
+
+def main(argv=None) -> dict:
+    presets = _model_presets()
+    p = common.base_parser(__doc__.splitlines()[0], "800M", presets)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {METHODS}")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 16; tiny: 2)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 512; tiny: 32)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000; tiny: 256)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0: off)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (default 3 on GPU, 1 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, --cpu-runs on CPU)")
+    args = p.parse_args(argv)
+    common.apply_threads(args)
+    device = common.pick_device(args.device)
+    common.ensure_interpreter_for(device)
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {METHODS}")
+    tiny = args.preset == "tiny"
+    batch = args.batch or (2 if tiny else 16)
+    seq = args.seq or (32 if tiny else 512)
+    gpu = device.type == "cuda"
+    warm = args.warmup_steps if args.warmup_steps is not None else (3 if gpu else 1)
+    steps = args.steps if args.steps is not None else (10 if gpu else args.cpu_runs)
+    mcfg = build_config(args.preset, args.vocab, seq)
+    env = common.environment(device)
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    data = torch.randint(0, mcfg.vocab_size, (batch, seq + 1), generator=gen).to(device)
+    idx, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    tokens = batch * seq
+
+    rows = []
+    n_params = None
+    for method in methods:
+        row = {"method": method, "tokens": tokens}
+        model = opt = None
+        try:
+            model, opt = build(method, mcfg, device)
+            if n_params is None:
+                from cage.model import count_params
+
+                n_params = count_params(model)
+            step = make_step(model, opt, idx, targets, device, args.clip)
+            if gpu:
+                torch.cuda.reset_peak_memory_stats(device)
+            t = common.time_steps(step, device, warm, steps)
+            loss = float(step.last["loss"].item())
+            row.update(ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
+                       tokens_per_s=tokens / (t.median_ms * 1e-3), loss=loss, status="ok")
+            if gpu:
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        except Exception as err:  # noqa: BLE001 - one failing row must not hide the others
+            row["status"] = "error: " + common.short_error(err)
+        finally:
+            del model, opt
+            common.release(device)
+        rows.append(row)
+        print(f"  {method}: {row.get('ms', float('nan')):.4g} ms {row['status']}", file=sys.stderr)
+
+    base = next((r["ms"] for r in rows if r["method"] == "bf16" and r["status"] == "ok"), None)
+    for r in rows:
+        if base and r["status"] == "ok":
+            r["t/bf16"] = r["ms"] / base
+    cage = next((r for r in rows if r["method"] == "cage-triton" and r["status"] == "ok"), None)
+    value = cage.get("t/bf16") if cage else None
+    tgt = [{
+        "target": "CAGE W4A4 step (kernels) <= 1.3 x bf16 step",
+        "value": value,
+        "status": ("not measured (row missing)" if value is None else
+                   "not measured (no GPU in this run)" if not env["gpu_result"] else
+                   "met" if value <= 1.3 else "MISSED"),
+    }]
+    model_desc = (f"{args.preset}: dim {mcfg.dim}, {mcfg.n_layers} layers, {mcfg.n_heads} heads, ffn {mcfg.ffn_dim}, "
+                  f"vocab {mcfg.vocab_size}, {n_params or 0:,} parameters")
+    sections = [
+        {
+            "title": f"Training step, Llama {model_desc}",
+            "text": (f"batch {batch} x seq {seq} = {tokens} tokens per step; "
+                     f"{'bf16 autocast' if gpu else 'fp32 (CPU)'}; clip {args.clip}; "
+                     f"W{BITS}A{BITS} Hadamard {quant_block(mcfg)} trust; median of {steps} steps after {warm} warm-up. "
+                     "Ratios are time ratios to the bf16 row."),
+            "rows": rows,
+            "columns": COLUMNS,
+        },
+        {"title": "Target (issue 4)", "rows": tgt,
+         "columns": [("target", "target"), ("value", "value"), ("status", "status")]},
+    ]
+    common.print_sections(env, sections)
+    extra = {"preset": args.preset, "model": {k: getattr(mcfg, k) for k in ("dim", "n_layers", "n_heads", "vocab_size")}
+             | {"ffn_dim": mcfg.ffn_dim, "params": n_params},
+             "batch": batch, "seq": seq, "tokens_per_step": tokens, "targets": tgt}
+    result = {"env": env, "rows": rows, **extra}
+    if not args.no_write:
+        paths = common.write_results("train_step", env, sections, args.out, extra=extra)
+        print("\nwrote " + ", ".join(str(x) for x in paths))
+        result["paths"] = [str(x) for x in paths]
+    return result
+
+
+if __name__ == "__main__":
+    main()

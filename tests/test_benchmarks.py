@@ -1,0 +1,204 @@
+"""The GPU benchmark scripts run end to end on tiny sizes on the CPU, with the Triton kernels
+under the interpreter, and write result files whose rows, byte counts and labels are right.
+
+Each script runs in a subprocess with TRITON_INTERPRET=1 (it must be set before the kernel
+modules are imported, whatever this process imported first). The numbers are CPU numbers; the
+tests check the bookkeeping (rows, counted bytes, ratios, labels), not speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import common
+from benchmarks.shapes import shapes_for
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ["--preset", "tiny", "--device", "cpu", "--threads", "1", "--cpu-runs", "1", "--no-compile"]
+ENV_KEYS = {"date_utc", "command", "device_name", "torch", "triton", "cuda", "timer", "gpu_result", "triton_interpret"}
+
+
+def run_bench(module: str, out: Path, *extra: str) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *SMOKE, "--out", str(out), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def load(out: Path, name: str) -> tuple[dict, str]:
+    stem = out / f"{name}-cpu-interpreter"
+    data = json.loads(stem.with_suffix(".json").read_text())
+    md = stem.with_suffix(".md").read_text()
+    return data, md
+
+
+def check_env_and_label(data: dict, md: str) -> None:
+    assert ENV_KEYS <= set(data["env"])
+    assert data["env"]["gpu_result"] is False and data["env"]["triton_interpret"] is True
+    assert "NOT GPU results" in data["label"] and "NOT GPU results" in md
+    assert "interpreter" in data["label"]
+    assert data["copy"]["gbps"] > 0 and data["copy"]["bytes"] == 2 * data["copy"]["buffer_bytes"]
+    for t in data["targets"]:
+        assert t["status"].startswith("not measured")
+
+
+def rows_of(data: dict) -> list[dict]:
+    return data["sections"][0]["rows"]
+
+
+@pytest.fixture(scope="module")
+def optimizer_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_optimizer")
+    run_bench("bench_optimizer", out)
+    return load(out, "optimizer")
+
+
+@pytest.fixture(scope="module")
+def fake_quant_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_fake_quant")
+    run_bench("bench_fake_quant", out)
+    return load(out, "fake_quant")
+
+
+@pytest.fixture(scope="module")
+def train_step_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_train_step")
+    run_bench("bench_train_step", out, "--warmup-steps", "0", "--steps", "1")
+    return load(out, "train_step")
+
+
+def test_optimizer_rows_and_counted_bytes(optimizer_run):
+    data, md = optimizer_run
+    check_env_and_label(data, md)
+    rows = rows_of(data)
+    methods = ["cage-triton", "adamw-fused", "adamw-foreach", "adamw-fused+cage-eager", "cage-torch"]
+    assert [(r["dtype"], r["method"]) for r in rows] == [(d, m) for d in ("fp32", "bf16") for m in methods]
+    numel = shapes_for("tiny").numel()
+    assert data["numel"] == numel and data["numel_quant"] == shapes_for("tiny").numel("quant")
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"]
+        if r["dtype"] == "fp32":
+            per = 28  # SPEC 4: read param, grad, m, v (16 B), write param, m, v (12 B)
+        elif r["method"].startswith("cage"):
+            per = 2 * 2 + 2 + 4 * 4  # bf16 param and grad, fp32 moments: 22 B
+        else:
+            per = 2 * 2 + 2 + 4 * 2  # torch's AdamW keeps bf16 moments for bf16 params: 14 B
+        assert r["bytes_per_param"] == per and r["bytes"] == per * numel
+        assert math.isclose(r["gbps"], r["bytes"] / (r["ms"] * 1e-3) / 1e9, rel_tol=1e-9)
+        assert math.isclose(r["frac_copy"], r["gbps"] / data["copy"]["gbps"], rel_tol=1e-9)
+        assert math.isclose(r["t/adamw-fused"], r["ms"] / next(
+            x["ms"] for x in rows if x["dtype"] == r["dtype"] and x["method"] == "adamw-fused"), rel_tol=1e-9)
+        if "cage" in r["method"]:
+            assert r["cage_lambda_t"] == 10.0  # CAGE is active while timed
+    assert "| fp32 | cage-triton | 28 |" in md and "| bf16 | cage-triton | 22 |" in md
+
+
+def test_fake_quant_rows_and_counted_bytes(fake_quant_run):
+    data, md = fake_quant_run
+    check_env_and_label(data, md)
+    rows = rows_of(data)
+    cases = [("act 32x256 bf16", 32, 256, 2), ("weight 32x128 fp32", 32, 128, 4)]
+    expect = [(c[0], d, i) for c in cases for d in ("fwd", "bwd") for i in ("triton", "torch-eager")]
+    assert [(r["case"], r["dir"], r["impl"]) for r in rows] == expect
+    for name, n_rows, n_cols, es in cases:
+        packed = n_rows * ((n_cols + 7) // 8)
+        for r in rows:
+            if r["case"] != name:
+                continue
+            assert r["status"] == "ok", r
+            assert r["ms"] > 0
+            assert r["bytes"] == n_rows * n_cols * 2 * es + packed  # x/grad in + out + packed mask
+            assert r["mask_bytes_stored"] == (packed if r["impl"] == "triton" else n_rows * n_cols)
+            assert r["rotation_flops"] == 2 * 2 * 128 * n_rows * n_cols
+            assert math.isclose(r["gbps"], r["bytes"] / (r["ms"] * 1e-3) / 1e9, rel_tol=1e-9)
+            if r["impl"] == "triton" and r["dir"] == "fwd":
+                assert r["max_abs_diff_vs_eager"] < 1e-2  # the kernel computes the same Q(x)
+            if r["impl"] == "torch-eager":
+                assert r["t/torch-eager"] == 1.0
+    assert "| act 32x256 bf16 | fwd | triton |" in md
+
+
+def test_train_step_rows(train_step_run):
+    data, md = train_step_run
+    assert ENV_KEYS <= set(data["env"]) and "NOT GPU results" in md
+    rows = rows_of(data)
+    assert [r["method"] for r in rows] == ["bf16", "quest-eager", "quest-triton", "cage-eager", "cage-triton"]
+    assert data["tokens_per_step"] == data["batch"] * data["seq"] == 64
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0
+        assert math.isclose(r["tokens_per_s"], 64 / (r["ms"] * 1e-3), rel_tol=1e-9)
+        assert abs(r["loss"] - math.log(256)) < 0.5  # one step from a random init
+    assert rows[0]["t/bf16"] == 1.0
+    assert data["targets"][0]["status"].startswith("not measured")
+
+
+# ---- the helpers, without subprocesses ----------------------------------------------------
+
+
+def test_byte_formulas():
+    assert common.adamw_bytes_per_param(4, 4, 4) == 28
+    assert common.adamw_bytes_per_param(2, 2, 4) == 22
+    assert common.fake_quant_forward_bytes(8192, 4096, 2, 2) == 8192 * 4096 * 4 + 8192 * 512
+    assert common.fake_quant_forward_bytes(3, 10, 4, 4) == 3 * 10 * 8 + 3 * 2  # ceil(10 / 8) = 2 B a row
+    assert common.fake_quant_backward_bytes(4, 16, 2) == 4 * 16 * 4 + 4 * 2
+
+
+def test_rotating_inputs_cycle_without_copies():
+    import torch
+
+    made = []
+    rot = common.Rotating(lambda i: made.append(torch.full((4,), float(i))) or made[-1], 16, torch.device("cpu"))
+    assert len(rot) >= 2
+    seen = [rot.next() for _ in range(2 * len(rot))]
+    assert all(a is b for a, b in zip(seen, made + made))  # the same tensors, in turn
+
+
+@pytest.mark.parametrize("style", ["quantiles", "return_mode", "plain"])
+def test_do_bench_wrapper_across_triton_signatures(style):
+    calls = []
+
+    def with_quantiles(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        calls.append((warmup, rep, quantiles))
+        return [2.0, 1.0, 3.0]
+
+    def with_return_mode(fn, warmup=25, rep=100, return_mode="mean"):
+        calls.append((warmup, rep, return_mode))
+        return 2.0
+
+    def plain(fn, warmup=25, rep=100):
+        calls.append((warmup, rep))
+        return 2.0
+
+    fake = {"quantiles": with_quantiles, "return_mode": with_return_mode, "plain": plain}[style]
+    t = common._do_bench_gpu(lambda: None, 10, 50, do_bench=fake)
+    assert t.median_ms == 2.0
+    assert calls[0][:2] == (10, 50)
+    if style == "quantiles":
+        assert calls[0][2] == [0.5, 0.2, 0.8] and (t.p20_ms, t.p80_ms) == (1.0, 3.0)
+    if style == "return_mode":
+        assert calls[0][2] == "median"
+
+
+def test_result_files_name_the_device_and_say_what_they_are(tmp_path):
+    import torch
+
+    env = common.environment(torch.device("cpu"))
+    sections = [{"title": "t", "rows": [{"a": 1.5, "b": "x"}], "columns": [("a", "A"), ("b", "B")]}]
+    j, m = common.write_results("demo", env, sections, tmp_path)
+    assert j.name.startswith("demo-cpu") and j.suffix == ".json" and m.suffix == ".md"
+    data = json.loads(j.read_text())
+    assert data["sections"][0]["rows"] == [{"a": 1.5, "b": "x"}]
+    assert "| A | B |" in m.read_text() and "| 1.5 | x |" in m.read_text()
+    assert "NOT GPU results" in m.read_text()
