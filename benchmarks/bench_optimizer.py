@@ -141,7 +141,7 @@ def run_section(dtype_name: str, shapes, methods, device, warmup_ms, rep_ms, cop
     rows = []
     for method in methods:
         row = {"dtype": dtype_name, "method": method, "numel": numel}
-        opt = None
+        opt = step = None
         try:
             step, opt, warm_calls = build_method(method, params, quant, device)
             if device.type == "cuda":  # compile and settle outside do_bench's estimate
@@ -165,7 +165,9 @@ def run_section(dtype_name: str, shapes, methods, device, warmup_ms, rep_ms, cop
         except Exception as err:  # noqa: BLE001 - one failing row must not hide the others
             row.update(status="error: " + common.short_error(err))
         finally:
-            del opt
+            del opt, step  # the step closure holds the optimizer (and its states) too
+            if method == "adamw-compile":
+                torch._dynamo.reset()  # drop the compiled graphs and what they hold
             common.release(device)
         rows.append(row)
         print(f"  {dtype_name} {method}: {row.get('ms', float('nan')):.4g} ms  {row['status']}", file=sys.stderr)
@@ -230,7 +232,8 @@ def main(argv=None) -> dict:
     for d in dtypes:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}; choose from {sorted(DTYPES)}")
-    warmup_ms, rep_ms = common.bench_times(args, device)
+    # a step of the slowest rows takes ~50-100 ms on an H100: a longer repetition window
+    warmup_ms, rep_ms = common.bench_times(args, device, gpu_rep_ms=1000.0)
     shapes = shapes_for(args.preset)
     env = common.environment(device)
 

@@ -59,7 +59,8 @@ def build(method: str, mcfg, device):
     from cage.model import Llama
 
     torch.manual_seed(0)
-    model = Llama(mcfg).to(device)
+    with torch.device(device):  # initialise on the device: a 1B model on the host is slow
+        model = Llama(mcfg)
     if method != "bf16":
         q = QuantConfig(bits=BITS, hadamard=True, block_size=quant_block(mcfg), grad_mask="trust")
         backend = "triton" if method.endswith("triton") else "torch"
@@ -140,7 +141,7 @@ def main(argv=None) -> dict:
     n_params = None
     for method in methods:
         row = {"method": method, "tokens": tokens}
-        model = opt = None
+        model = opt = step = None
         try:
             model, opt = build(method, mcfg, device)
             if n_params is None:
@@ -159,7 +160,7 @@ def main(argv=None) -> dict:
         except Exception as err:  # noqa: BLE001 - one failing row must not hide the others
             row["status"] = "error: " + common.short_error(err)
         finally:
-            del model, opt
+            del model, opt, step  # the step closure holds both
             common.release(device)
         rows.append(row)
         print(f"  {method}: {row.get('ms', float('nan')):.4g} ms {row['status']}", file=sys.stderr)

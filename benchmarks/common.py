@@ -436,7 +436,7 @@ def base_parser(description: str, default_preset: str, presets: Iterable[str]) -
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto (default: the GPU if there is one)")
     p.add_argument("--out", default=None, help=f"folder for the result files (default {RESULTS_DIR})")
     p.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up (default 25 on GPU, 0 on CPU)")
-    p.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time (default 200 on GPU, 0 on CPU)")
+    p.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time (default 200 on GPU, 1000 for the optimizer; 0 on CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (slow to build on a CPU)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -452,11 +452,11 @@ def apply_threads(args) -> None:
     CPU_MIN_RUNS = max(1, getattr(args, "cpu_runs", 3))
 
 
-def bench_times(args, device: torch.device) -> tuple[float, float]:
+def bench_times(args, device: torch.device, gpu_rep_ms: float = 200.0) -> tuple[float, float]:
     """(warmup_ms, rep_ms): do_bench-like defaults on a GPU, as little as possible on a CPU."""
     gpu = device.type == "cuda"
     warm = args.warmup_ms if args.warmup_ms is not None else (25.0 if gpu else 0.0)
-    rep = args.rep_ms if args.rep_ms is not None else (200.0 if gpu else 0.0)
+    rep = args.rep_ms if args.rep_ms is not None else (gpu_rep_ms if gpu else 0.0)
     return warm, rep
 
 
