@@ -31,6 +31,7 @@ import triton.language as tl
 
 from cage import naive
 from cage.config import RMS_EPS
+from cage.optim import local_tensor
 
 from .hadamard import MAX_KERNEL_BLOCK, load_rotation, load_rotation_args
 from .quant_math import chunk_offsets, quantize_chunk, row_scale, row_sum_squares, store_rounded
@@ -284,11 +285,14 @@ def adamw_cage_step_group(group: dict, params, states, lambda_at) -> None:
     coupled = group["coupling"] == "coupled"
     interpreted = is_interpreted(_adamw_cage_kernel)
     buckets: dict[tuple, list] = collections.defaultdict(list)
-    for p, state in zip(params, states):
+    for param, full_state in zip(params, states):
+        # FSDP2 shards (DTensor) are stepped through their local views; rows are whole
+        # on every process (CAGEAdamW checks the sharding)
+        p, grad = local_tensor(param), local_tensor(param.grad)
+        state = {key: local_tensor(value) for key, value in full_state.items()}
         step = int(state["step"].item())  # a CPU tensor: no device sync
         lam = float(lambda_at(step, group))
         cage = quant is not None and lam != 0
-        grad = p.grad
         if grad.layout != torch.strided or not _kernel_can_step(p, grad, state, quant if cage else None):
             naive.adamw_cage_step(
                 p, grad, state["exp_avg"], state["exp_avg_sq"], step, lr=lr, beta1=beta1, beta2=beta2,

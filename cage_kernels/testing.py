@@ -97,23 +97,37 @@ def check_fake_quant(
     return {"grid_flips": n_flips, "mask_flips": n_mask_diff, "elements": n}
 
 
+def outliers(actual: torch.Tensor, expected: torch.Tensor, *, ulps: float = 2, compute_ulps: float = 32):
+    """Bool mask of the elements outside ``ulps * eps(dtype) * |expected| + compute_ulps *
+    eps(fp32) * rms(expected)``: the output's own rounding plus fp32 arithmetic that summed
+    differently (a 128-wide rotation, twice)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    a, e = actual.to(torch.float64), expected.to(torch.float64)
+    rms = e.square().mean().sqrt() if e.numel() else e.new_zeros(())
+    tolerance = ulps * torch.finfo(actual.dtype).eps * e.abs() + compute_ulps * torch.finfo(torch.float32).eps * rms
+    return (a - e).abs() > tolerance
+
+
 def assert_close_except_rare(
     actual: torch.Tensor, expected: torch.Tensor, *, ulps: float = 2, compute_ulps: float = 32,
     max_fraction: float = MAX_FLIP_FRACTION, what: str = "tensor",
 ) -> int:
-    """Elementwise ``|actual - expected| <= ulps * eps(dtype) * |expected| + compute_ulps *
-    eps(fp32) * rms(expected)``: the output's own rounding plus fp32 arithmetic that summed
-    differently (a 128-wide rotation, twice). At most ``max_fraction`` of the elements may
-    lie outside (at least one if max_fraction > 0): a flipped grid decision moves a weight
-    by a CAGE correction's worth. Returns the number of such outliers."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    a, e = actual.to(torch.float64), expected.to(torch.float64)
-    rms = e.square().mean().sqrt().item() if e.numel() else 0.0
-    tolerance = ulps * torch.finfo(actual.dtype).eps * e.abs() + compute_ulps * torch.finfo(torch.float32).eps * rms
-    outliers = int(((a - e).abs() > tolerance).sum())
+    """:func:`outliers` is empty, or holds at most ``max_fraction`` of the elements (at
+    least one if max_fraction > 0). Returns the number of outliers."""
+    bad = outliers(actual, expected, ulps=ulps, compute_ulps=compute_ulps)
+    n_bad = int(bad.sum())
     allowed = max(1, math.floor(max_fraction * actual.numel())) if max_fraction > 0 else 0
-    assert outliers <= allowed, (
-        f"{what}: {outliers} of {actual.numel()} elements differ by more than the tolerance "
-        f"(max abs diff {(a - e).abs().max().item():.3g}, rms {rms:.3g})"
+    assert n_bad <= allowed, (
+        f"{what}: {n_bad} of {actual.numel()} elements differ by more than the tolerance (max abs diff "
+        f"{(actual.to(torch.float64) - expected.to(torch.float64)).abs().max().item():.3g})"
     )
-    return outliers
+    return n_bad
+
+
+def near_boundary_blocks(x: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """Bool ``[rows, blocks]``: the rotation blocks of ``x`` (one element per block without
+    rotation) that hold an element within BOUNDARY_STEPS of a grid decision boundary. A
+    flipped decision changes ``Q(x)`` on its whole block."""
+    block = config.block_size if config.hadamard else 1
+    distance = grid_geometry(x, config)[3]
+    return (distance < BOUNDARY_STEPS).reshape(-1, x.shape[-1] // block, block).any(dim=-1)
