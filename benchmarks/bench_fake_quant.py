@@ -185,10 +185,13 @@ def run_case(case: Case, impls, device, warmup_ms, rep_ms, copy_gbps, directions
             rows.append(row)
             print(f"  {case.name} {d} {impl}: {row.get('ms', float('nan')):.4g} ms {row['status']}", file=sys.stderr)
         if impl != "torch-eager" and ref_q is not None:
-            diff = (q0.float() - ref_q.float()).abs().max().item()
+            # A rounding tie or a level boundary may flip between implementations (different
+            # summation order in the rotation): a few elements one grid step apart are expected.
+            diff = (q0.float() - ref_q.float()).abs()
             for r in rows:
                 if r["impl"] == impl and r["case"] == case.name and r["dir"] == "fwd":
-                    r["max_abs_diff_vs_eager"] = diff
+                    r["max_abs_diff_vs_eager"] = diff.max().item()
+                    r["frac_diff_vs_eager"] = (diff > 0).float().mean().item()
         del masks
         common.release(device)
     # ratios within each direction of this case
@@ -228,7 +231,7 @@ def targets(rows, gpu: bool) -> list[dict]:
 COLUMNS = [
     ("case", "case"), ("dir", "dir"), ("impl", "impl"), ("bytes", "bytes"), ("ms", "ms"), ("gbps", "GB/s"),
     ("frac_copy", "of copy BW"), ("t/torch-eager", "t / eager"), ("t/torch-compile", "t / compile"),
-    ("max_abs_diff_vs_eager", "max |dQ| vs eager"), ("status", "status"),
+    ("max_abs_diff_vs_eager", "max |dQ| vs eager"), ("frac_diff_vs_eager", "frac dQ != 0"), ("status", "status"),
 ]
 
 

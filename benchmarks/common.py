@@ -130,6 +130,7 @@ def environment(device: torch.device) -> dict:
             memory_gib=round(props.total_memory / 2**30, 1),
             l2_bytes=getattr(props, "L2_cache_size", None),
             capability=f"{props.major}.{props.minor}",
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
             timer="triton.testing.do_bench (CUDA events, L2 flushed between calls)",
             gpu_result=True,
         )
