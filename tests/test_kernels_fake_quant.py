@@ -167,9 +167,14 @@ def test_the_check_rejects_wrong_outputs():
     x = make_input((7, 64), torch.float32, 7)
     q, mask = naive.quantize(x, config)
     check_fake_quant(x, config, True, q, mask)
-    q_wrong_scale, _ = naive.quantize(x * 1.01, config)
+    q_wrong_scale = q.clone()
+    q_wrong_scale[2] *= 1.02  # one row on a grid 2% too wide
     with pytest.raises(AssertionError):
-        check_fake_quant(x, config, True, q_wrong_scale / 1.01, mask)
+        check_fake_quant(x, config, True, q_wrong_scale, mask)
+    nudge = 0.3 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    q_wrong_level = naive.quantize(x + nudge * (x.abs() < 0.05), config)[0]
+    with pytest.raises(AssertionError):  # a few elements pushed across boundaries
+        check_fake_quant(x, config, True, q_wrong_level, mask)
     mask_wrong = mask.clone()
     mask_wrong[0, 0] = ~mask_wrong[0, 0]
     with pytest.raises(AssertionError, match="mask"):
