@@ -21,6 +21,7 @@ import sys
 # subcommand name -> module that defines add_arguments(parser) and run(args)
 SUBCOMMANDS: dict[str, str] = {
     "train": "cage.train",
+    "sweep": "cage.sweep",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
