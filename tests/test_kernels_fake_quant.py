@@ -179,3 +179,34 @@ def test_the_check_rejects_wrong_outputs():
     mask_wrong[0, 0] = ~mask_wrong[0, 0]
     with pytest.raises(AssertionError, match="mask"):
         check_fake_quant(x, config, True, q, mask_wrong)
+
+
+def test_exact_ties_round_half_to_even():
+    # a constant block rotates to one nonzero and exact zeros: x_h = 0 sits on a decision
+    # boundary (the grid has no zero level). The kernel's +-1 sums are exact, so it rounds
+    # the tie half to even (SPEC 1): round(0 + 0.5) = 0, level -1/2.
+    config = QuantConfig(2, block_size=32)
+    x = torch.full((3, 64), 0.75, device=DEVICE)
+    x[1, 32:] = -1.25
+    q_h, mask_state = cage_kernels.quantize(x, config, False)
+    s = config.alpha * torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-12)
+    step = 2 * s / (config.levels - 1)
+    zeros = torch.ones_like(x, dtype=torch.bool)
+    zeros[:, 0] = zeros[:, 32] = False
+    assert torch.equal(q_h[zeros], (-0.5 * step).expand_as(x)[zeros])
+    check_fake_quant(x, config, False, q_h, cage_kernels.mask_to_bool(mask_state, x.shape))
+
+
+def test_import_without_triton_is_a_clear_error():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import cage\n"  # cage itself never needs triton
+        "try:\n    import cage_kernels\nexcept ImportError as e:\n    print('ImportError:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert "ImportError: cage_kernels needs the triton package" in out.stdout
