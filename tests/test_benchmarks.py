@@ -21,18 +21,22 @@ from benchmarks import common
 from benchmarks.shapes import shapes_for
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ["--preset", "tiny", "--device", "cpu", "--threads", "1", "--cpu-runs", "1", "--no-compile"]
+SMOKE = ["--device", "cpu", "--threads", "1", "--cpu-runs", "1", "--no-compile"]
 ENV_KEYS = {"date_utc", "command", "device_name", "torch", "triton", "cuda", "timer", "gpu_result", "triton_interpret"}
 
 
-def run_bench(module: str, out: Path, *extra: str) -> dict:
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory):
+    """All three GPU scripts on the tiny preset, in one subprocess (one import of torch)."""
+    out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{module}", *SMOKE, "--out", str(out), *extra],
+        [sys.executable, "-m", "benchmarks.run_all", "--tiny", *SMOKE, "--out", str(out),
+         "--train-step-args", "--warmup-steps 0 --steps 1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+    assert proc.returncode == 0, f"run_all failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return out
 
 
 def load(out: Path, name: str) -> tuple[dict, str]:
@@ -57,24 +61,18 @@ def rows_of(data: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def optimizer_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_optimizer")
-    run_bench("bench_optimizer", out)
-    return load(out, "optimizer")
+def optimizer_run(smoke_out):
+    return load(smoke_out, "optimizer")
 
 
 @pytest.fixture(scope="module")
-def fake_quant_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_fake_quant")
-    run_bench("bench_fake_quant", out)
-    return load(out, "fake_quant")
+def fake_quant_run(smoke_out):
+    return load(smoke_out, "fake_quant")
 
 
 @pytest.fixture(scope="module")
-def train_step_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_train_step")
-    run_bench("bench_train_step", out, "--warmup-steps", "0", "--steps", "1")
-    return load(out, "train_step")
+def train_step_run(smoke_out):
+    return load(smoke_out, "train_step")
 
 
 def test_optimizer_rows_and_counted_bytes(optimizer_run):
