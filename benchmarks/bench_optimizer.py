@@ -27,6 +27,7 @@ is far larger than L2, so one step never finds its data in cache; no input rotat
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -261,8 +262,7 @@ def main(argv=None) -> dict:
          "columns": [("target", "target"), ("value", "value"), ("status", "status")]},
     ]
     common.print_sections(env, sections)
-    extra = {"preset": args.preset, "shapes": vars(shapes) if not hasattr(shapes, "__dataclass_fields__") else
-             {k: getattr(shapes, k) for k in shapes.__dataclass_fields__},
+    extra = {"preset": args.preset, "shapes": dataclasses.asdict(shapes),
              "numel": shapes.numel(), "numel_quant": shapes.numel("quant"), "copy": copy, "targets": tgt}
     result = {"env": env, "rows": rows, **extra}
     if not args.no_write:
