@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -665,6 +666,23 @@ def preset_from_args(args: argparse.Namespace) -> dict:
     return p
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The sweep's command with the options that were given (from the parsed arguments, so it is
+    right whether the sweep came from the shell or from ``cli.main([...])``)."""
+    parts = ["python -m cage sweep"]
+    for k, v in vars(args).items():
+        if k.startswith("_") or v is None or v is False or k == "command":
+            continue
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(flag)
+        elif isinstance(v, tuple):
+            parts += [flag, shlex.quote(",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v))]
+        else:
+            parts += [flag, shlex.quote(str(v))]
+    return " ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     p = preset_from_args(args)
     out = Path(args.out or os.path.join("runs", f"sweep-{p['preset']}"))
@@ -683,7 +701,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_cells is not None:
         todo = todo[: args.max_cells]
     state = _load_state(out)
-    inv = {"command": " ".join(["python -m cage sweep"] + sys.argv[sys.argv.index("sweep") + 1:] if "sweep" in sys.argv else sys.argv),
+    inv = {"command": command_line(args),
            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": 0.0,
            "cells_to_run": len(todo)}
     state["invocations"].append(inv)
