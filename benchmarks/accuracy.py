@@ -1,0 +1,18 @@
+"""Accuracy study (issue 5): a thin wrapper around ``python -m cage sweep``.
+
+    python benchmarks/accuracy.py --preset cpu            # the CPU matrix + ablation (~45-60 min, 2 cores)
+    python benchmarks/accuracy.py --preset cpu --report-only
+    python benchmarks/accuracy.py --preset 30M            # GPU preset (paper's 30M shape)
+
+Results go to benchmarks/results/accuracy-<preset>.{json,md,png}; see cage/sweep.py.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cage.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["sweep", *sys.argv[1:]]))
