@@ -19,6 +19,7 @@ batches); evaluation batches are fixed, evenly spaced windows, the same for ever
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import os
@@ -62,7 +63,7 @@ class Corpus:
     files: list[str]  # file names relative to the source root, in reading order
     root: str
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()
 

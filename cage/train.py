@@ -65,7 +65,7 @@ class TrainConfig:
     n_layers: int | None = None
     n_heads: int | None = None
     # how it is trained
-    steps: int = 400
+    steps: int = 500  # with the other defaults: about 1.5 min on 2 idle CPU cores
     batch_size: int = 16
     seq_len: int = 128
     lr: float | None = None  # None: PRESET_LR of a paper size, else CPU_PRESET_LR
@@ -92,7 +92,7 @@ class TrainConfig:
     log_every: int | None = None  # None: about 20 lines per run
     device: str = "auto"
     backend: str = "auto"
-    threads: int | None = None  # None: torch's default
+    threads: int | None = None  # None: torch's default (on a busy machine, 1 can be much faster)
     verbose: bool = True
 
     # Fields that may differ between a run and its resumption: they do not change the weights.
@@ -285,8 +285,9 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, model, optimizer, data: TextData, step: int, cfg, history: dict) -> None:
+def save_checkpoint(path: Path, model, optimizer, data: TextData, step: int, cfg, history: dict, corpus_sha256: str) -> None:
     state = {
+        "corpus_sha256": corpus_sha256,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "data": data.state_dict(),
@@ -323,7 +324,7 @@ def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
         )
 
 
-def save_plot(path: Path, history: dict, title: str) -> bool:
+def save_plot(path: Path, history: dict, title: str, lambda_on_step: float | None = None) -> bool:
     """Loss curves to a PNG; False when matplotlib is not installed."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -344,6 +345,8 @@ def save_plot(path: Path, history: dict, title: str) -> bool:
         pts = [(e["step"], e["loss"]) for e in history["evals"] if e["split"] == split]
         if pts:
             ax.plot(*zip(*pts), "o-", ms=4, color=f"C{i + 1}", label=split)
+    if lambda_on_step is not None:
+        ax.axvline(lambda_on_step, color="grey", ls="--", lw=1, label="CAGE lambda > 0 from here")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / byte)")
     ax.set_title(title)
@@ -367,14 +370,24 @@ def train(cfg: TrainConfig) -> dict:
 
     With ``cfg.stop_after`` before the end, it trains up to that step, checkpoints and returns
     metrics with ``completed: False``; resuming then gives bit-identical results to an
-    uninterrupted run (same batches, same optimizer state, same order of operations).
-    Raises FloatingPointError when a gradient is NaN/Inf (before that step is taken).
+    uninterrupted run (same batches, same optimizer state, same order of operations, same
+    thread count). Raises FloatingPointError when a gradient is NaN/Inf (before that step is
+    taken). ``cfg.threads`` applies during the call only: torch's thread count is process-wide,
+    and a sweep or the tests run several jobs in one process.
     """
+    threads_before = torch.get_num_threads()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: TrainConfig) -> dict:
     cfg.validate()
     session_start = time.perf_counter()
     log = print if cfg.verbose else (lambda *a, **k: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dtype_name, amp = autocast_context(cfg, device)
     out = Path(cfg.out) if cfg.out else None
@@ -395,6 +408,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         ckpt = load_checkpoint(out / CHECKPOINT)
         _check_resume_config(ckpt["config"], cfg)
+        if ckpt["corpus_sha256"] != corpus.sha256:
+            raise ValueError(
+                f"--resume: the corpus changed since the checkpoint was written (sha256 "
+                f"{ckpt['corpus_sha256'][:12]}..., now {corpus.sha256[:12]}...); the run cannot continue"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         data.load_state_dict(ckpt["data"])
@@ -405,6 +423,8 @@ def train(cfg: TrainConfig) -> dict:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
 
+    corpus_info = corpus.describe()  # hashes the corpus once
+    env = environment(device)
     prior_wall_time = history["wall_time_s"]  # of earlier sessions of this run
     pending: list[torch.Tensor] = []  # per-step losses not yet copied to the host
     n_params = count_params(model)
@@ -443,11 +463,11 @@ def train(cfg: TrainConfig) -> dict:
             "params": n_params,
             "params_non_embedding": count_params(model, non_embedding=True),
             "params_quantized": n_quantized,
-            "corpus": corpus.describe(),
+            "corpus": corpus_info,
             "split_tokens": {k: int(v.numel()) for k, v in data.splits.items()},
             "tokens_trained": step * tokens_per_step,
             "dtype": dtype_name,
-            "environment": environment(device),
+            "environment": env,
             "evals": history["evals"],
             "wall_time_s": prior_wall_time + (time.perf_counter() - session_start),
         }
@@ -466,10 +486,13 @@ def train(cfg: TrainConfig) -> dict:
         if out is not None:
             # The checkpoint carries the wall time so far, so a resumed run keeps adding to it.
             history["wall_time_s"] = m["wall_time_s"]
-            save_checkpoint(out / CHECKPOINT, model, optimizer, data, step, cfg, history)
+            save_checkpoint(out / CHECKPOINT, model, optimizer, data, step, cfg, history, corpus_info["sha256"])
             _atomic_write(out / METRICS, lambda tmp: tmp.write_text(json.dumps(m, indent=2) + "\n"))
         return m
 
+    if cfg.resume and step >= cfg.steps and (out / METRICS).is_file():
+        log(f"the run in {out} is already complete ({step} steps); nothing to do", flush=True)
+        return json.loads((out / METRICS).read_text())
     if step == 0 and not cfg.resume:
         log(f"step 0: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
 
@@ -526,7 +549,8 @@ def train(cfg: TrainConfig) -> dict:
     if out is not None:
         flush_train_losses()
         title = f"{cfg.method} {'' if cfg.method == 'bf16' else f'W{cfg.weight_bits}A{cfg.act_bits} '}{cfg.preset}"
-        final["plot"] = str(out / PLOT) if save_plot(out / PLOT, history, title) else None
+        lambda_on = cfg.silence_ratio * cfg.steps if cfg.optimizer_lambda > 0 else None
+        final["plot"] = str(out / PLOT) if save_plot(out / PLOT, history, title, lambda_on) else None
     m = save(completed=True, final=final)
     log(
         f"final held-out loss: test {final['final_test_loss']:.4f}, val {final['final_val_loss']:.4f} "
@@ -585,7 +609,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--log-every", type=int, help="steps between progress lines (default: steps/20)")
     opt("--device", help="auto, cpu, cuda, cuda:1, ...")
     opt("--backend", choices=("auto", "torch", "triton"), help="quantizer/optimizer implementation")
-    opt("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    opt("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a busy "
+        "machine 1 can be much faster). Resume with the same count for bit-identical results")
     opt("--quiet", dest="verbose", action="store_false", help="print only errors")
     del g  # groups only order the help text
 

@@ -17,6 +17,15 @@ from cage.model import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from more threads, and lose a lot when the CPU is shared.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**kw):
     torch.manual_seed(0)
     return Llama(config_from_preset("tiny", max_seq_len=32, **kw))

@@ -1,5 +1,6 @@
 """The training job: it learns, it resumes bit-for-bit, it fails clearly, it records what it did."""
 
+import dataclasses
 import json
 import math
 
@@ -11,8 +12,9 @@ from cage import cli
 from cage import train as train_mod
 from cage.train import TrainConfig, lr_at, train
 
-# A run small enough for CI on two cores: ~0.2M parameters, 64-byte windows.
-SMALL = dict(preset="tiny", batch_size=8, seq_len=64, eval_batches=2, verbose=False)
+# A run small enough for CI on two cores: ~0.2M parameters, 64-byte windows, one thread (a
+# model this small gains nothing from two, and loses a lot when other processes share the CPU).
+SMALL = dict(preset="tiny", batch_size=8, seq_len=64, eval_batches=2, threads=1, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     part = tmp_path / "part"
     args = ["train", "--method", "cage", "--bits", "3", "--steps", "12", "--silence-ratio", "0.5",
             "--eval-every", "5", "--seed", "3", "--preset", "tiny", "--batch-size", "8",
-            "--seq-len", "64", "--eval-batches", "2", "--quiet", "--out", str(part)]
+            "--seq-len", "64", "--eval-batches", "2", "--threads", "1", "--quiet", "--out", str(part)]
     assert cli.main(args + ["--stop-after", "7"]) == 0
     stopped = json.loads((part / "metrics.json").read_text())
     assert not stopped["completed"] and stopped["step"] == 7 and "final_val_loss" not in stopped
@@ -84,6 +86,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     for pid, state in a["optimizer"]["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(state[key], b["optimizer"]["state"][pid][key])
+    # Resuming a finished run changes nothing.
+    assert cli.main(["train", "--resume", "--quiet", "--out", str(part)]) == 0
+    assert json.loads((part / "metrics.json").read_text()) == resumed
     # and the CAGE term really acted in the resumed part: lambda 0 gives other weights
     no_cage = train(TrainConfig(out=None, **{**common, "cage_lambda": 0.0}))
     assert no_cage["final_val_loss"] != whole["final_val_loss"]
@@ -96,6 +101,14 @@ def test_resume_with_different_settings_is_an_error(tmp_path):
         train(TrainConfig(method="quest", bits=3, steps=6, resume=True, out=str(tmp_path), **SMALL))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(TrainConfig(steps=6, resume=True, out=str(tmp_path / "elsewhere"), **SMALL))
+    # A corpus that changed under the run is caught too (its hash is in the checkpoint).
+    text = tmp_path / "corpus.txt"
+    text.write_text("Now is the winter of our discontent\n" * 600)
+    cfg = TrainConfig(steps=6, stop_after=2, data=str(text), out=str(tmp_path / "c"), **SMALL)
+    train(cfg)
+    text.write_text("Made glorious summer by this sun of York\n" * 600)
+    with pytest.raises(ValueError, match="corpus changed"):
+        train(dataclasses.replace(cfg, stop_after=None, resume=True))
 
 
 def test_nan_gradient_raises_a_clear_error(monkeypatch):
