@@ -263,6 +263,19 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     return {"per_seed": {str(s): d for s, d in diffs.items()}, **st, "se": se, "resolved": resolved}
 
 
+def common_recovered_fraction(bf16: dict, quest: dict, cage: dict) -> dict | None:
+    """recovered_fraction of the means over the seeds all three have (``value``), and its
+    per-seed values; None when no seed has all three."""
+    seeds = sorted(s for s in bf16 if s in quest and s in cage
+                   and all(math.isfinite(d[s]) for d in (bf16, quest, cage)))
+    if not seeds:
+        return None
+    mean = lambda d: statistics.fmean(d[s] for s in seeds)  # noqa: E731
+    per = {str(s): recovered_fraction(bf16[s], quest[s], cage[s]) for s in seeds}
+    return {"value": recovered_fraction(mean(bf16), mean(quest), mean(cage)), "seeds": seeds,
+            "per_seed": per, "per_seed_summary": summarize([v for v in per.values() if v is not None])}
+
+
 def _by_seed(records: list[dict], split: str, **match) -> dict[int, float]:
     out = {}
     for r in records:
@@ -293,7 +306,8 @@ def aggregate(records: list[dict], p: dict) -> dict:
             if m == "bf16":
                 continue
             st = cell_summary(_by_seed(main, "test", method=m, bits=b))
-            st["gap_to_bf16"] = None if st["mean"] is None or ref is None else st["mean"] - ref
+            # On the seeds both have (equal to the difference of the means when no cell is missing).
+            st["gap_to_bf16"] = paired(_by_seed(main, "test", method=m, bits=b), bf16)["mean"]
             cells[f"{m}-w{b}"] = st
             row[m] = st
         means = {m: s["mean"] for m, s in row.items()}
@@ -308,7 +322,7 @@ def aggregate(records: list[dict], p: dict) -> dict:
             "ranking": ranked,
             "paper_ranking_holds": [m for m in ranked if m in expected] == [m for m in expected if m in ranked]
             and len(ranked) == len([m for m in expected if m in p["methods"]]),
-            "recovered_fraction": recovered_fraction(ref, means.get("quest"), means.get("cage")),
+            "recovered_fraction": common_recovered_fraction(bf16, q, c),
             "paired_cage_minus_quest": paired(c, q),
             "paired_quest_minus_ste": paired(q, s),
             "paired_cage_minus_bf16": paired(c, bf16),
@@ -317,20 +331,27 @@ def aggregate(records: list[dict], p: dict) -> dict:
     claims = {}
     if "4" in per_bits:
         rf = per_bits["4"]["recovered_fraction"]
+        rf = None if rf is None else rf["value"]
         claims["cage_w4_recovers_more_than_10pct_of_quest_gap"] = {
             "value": rf, "holds": None if rf is None else rf > 0.10,
         }
     if "3" in per_bits and "4" in per_bits:
         c3, q4 = cells.get("cage-w3", {}).get("mean"), cells.get("quest-w4", {}).get("mean")
+        pd = paired(_by_seed(main, "test", method="cage", bits=3), _by_seed(main, "test", method="quest", bits=4))
         claims["cage_w3_le_quest_w4"] = {
-            "cage_w3": c3, "quest_w4": q4, "holds": None if None in (c3, q4) else c3 <= q4,
-            "paired_cage_w3_minus_quest_w4": paired(
-                _by_seed(main, "test", method="cage", bits=3), _by_seed(main, "test", method="quest", bits=4)),
+            "cage_w3": c3, "quest_w4": q4, "paired_cage_w3_minus_quest_w4": pd,
+            "holds": None if pd["mean"] is None else pd["mean"] <= 0,  # on the seeds both have
         }
     claims["ranking_bf16_cage_quest_ste_at_every_bits"] = {
         "per_bits": {b: v["paper_ranking_holds"] for b, v in per_bits.items()},
         "holds": all(v["paper_ranking_holds"] for v in per_bits.values()) if per_bits else None,
     }
+    grid = {}
+    for b in p["bits"]:
+        for m in ("ste", "quest", "cage"):
+            vals = [r.get("weight_rel_quant_error") for r in main if r["method"] == m and r["bits"] == b and r["status"] == "done"]
+            if any(v is not None for v in vals):
+                grid[f"{m}-w{b}"] = summarize(vals)
     stds = {k: v["std"] for k, v in cells.items() if v.get("std") is not None}
     noise = {
         "max_seed_std": max(stds.values()) if stds else None,
@@ -365,10 +386,45 @@ def aggregate(records: list[dict], p: dict) -> dict:
         "best": None if best is None else {"cage_lambda": best["cage_lambda"], "silence_ratio": best["silence_ratio"], "mean": best["mean"]},
         "best_is_default": None if best is None else best["is_default"],
     }
-    return {"cells": cells, "per_bits": per_bits, "claims": claims, "noise": noise, "ablation": ablation}
+    return {"cells": cells, "per_bits": per_bits, "claims": claims, "noise": noise, "ablation": ablation,
+            "weight_rel_quant_error": grid}
 
 
 # ---------------------------------------------------------------- report
+
+
+def weight_grid_error(cell_dir: Path) -> float | None:
+    """||W - Q(W)|| / ||W|| over all quantized weights of a finished cell's final checkpoint: how
+    close training left the weights to their quantization grid (what CAGE's term pulls on).
+    Cached in grid.json; None without a checkpoint or quantizer."""
+    cache = cell_dir / "grid.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["weight_rel_quant_error"]
+    ckpt_path = cell_dir / "checkpoint.pt"
+    if not ckpt_path.is_file():
+        return None
+    import torch
+
+    from .linear import QATLinear
+    from .naive import quantize
+    from .train import TrainConfig, build_model
+
+    cfg = TrainConfig.from_dict(json.loads((cell_dir / "cell.json").read_text())["train_config"])
+    if cfg.method == "bf16":
+        return None
+    model, _, _ = build_model(cfg, torch.device("cpu"))
+    model.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"])
+    err = ref = 0.0
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, QATLinear) and mod.weight_quant is not None:
+                w = mod.weight.float()
+                q, _ = quantize(w, mod.weight_quant)
+                err += float((w - q).pow(2).sum())
+                ref += float(w.pow(2).sum())
+    val = math.sqrt(err / ref) if ref else None
+    _write_json(cache, {"weight_rel_quant_error": val})
+    return val
 
 
 def collect(out: Path, cells: list[Cell]) -> list[dict]:
@@ -380,7 +436,8 @@ def collect(out: Path, cells: list[Cell]) -> list[dict]:
              "wall_time_s": None, "metrics": None}
         if st == "done":
             m = json.loads((d / "metrics.json").read_text())
-            r.update(test=m["final_test_loss"], val=m["final_val_loss"], wall_time_s=m["wall_time_s"], metrics=m)
+            r.update(test=m["final_test_loss"], val=m["final_val_loss"], wall_time_s=m["wall_time_s"], metrics=m,
+                     weight_rel_quant_error=weight_grid_error(d))
         elif st == "diverged":
             r["error"] = json.loads((d / "diverged.json").read_text())["error"]
         recs.append(r)
@@ -389,6 +446,14 @@ def collect(out: Path, cells: list[Cell]) -> list[dict]:
 
 def _f(x, nd=4):
     return "-" if x is None else ("diverged" if x == math.inf else f"{x:.{nd}f}")
+
+
+def _rf(rf: dict | None) -> str:
+    if rf is None or rf["value"] is None:
+        return "-"
+    ps = rf["per_seed_summary"]
+    spread = f"; per seed {ps['mean']:.2f} ± {ps['std']:.2f}" if ps.get("std") is not None else ""
+    return f"{rf['value']:.3f} (n={len(rf['seeds'])}{spread})"
 
 
 def _ms(st: dict, nd=4) -> str:
@@ -484,7 +549,7 @@ def markdown(report: dict) -> str:
         v = agg["per_bits"][str(b)]
         pc = v["paired_cage_minus_quest"]
         per = ", ".join(f"{float(x):+.4f}" for x in pc["per_seed"].values())
-        L.append(f"| W{b}A{b} | {' < '.join(v['ranking'])} | {v['paper_ranking_holds']} | {_f(v['recovered_fraction'], 3)} "
+        L.append(f"| W{b}A{b} | {' < '.join(v['ranking'])} | {v['paper_ranking_holds']} | {_rf(v['recovered_fraction'])} "
                  f"| {_f(pc['mean'])} ± {_f(pc['std'])} (n={pc['n']}; {per}) | {pc['resolved']} |")
     L.append("")
     L.append("## SPEC 3 claims")
@@ -521,6 +586,19 @@ def markdown(report: dict) -> str:
     if ab["best"]:
         L.append(f"Validation prefers lambda {ab['best']['cage_lambda']:g}, silence {ab['best']['silence_ratio']:g} "
                  f"({'the SPEC default' if ab['best_is_default'] else 'not the SPEC default'}); the main table does not use this choice.")
+        L.append("")
+    grid = agg.get("weight_rel_quant_error") or {}
+    if grid:
+        L.append("## Diagnostic: distance of the final weights to their grid")
+        L.append("")
+        L.append("Relative weight quantization error ||W - Q(W)|| / ||W|| over all quantized layers at the end of "
+                 "training (mean over seeds). CAGE's term pulls W towards Q(W), so cage should be below quest.")
+        L.append("")
+        L.append("| method | " + " | ".join(f"W{b}A{b}" for b in bits) + " |")
+        L.append("|---|" + "---|" * len(bits))
+        for m in ("ste", "quest", "cage"):
+            if any(f"{m}-w{b}" in grid for b in bits):
+                L.append(f"| {m} | " + " | ".join(_f(grid.get(f"{m}-w{b}", {}).get("mean")) for b in bits) + " |")
         L.append("")
     L.append("![loss vs bits](" + f"accuracy-{p['preset']}.png)")
     L.append("")

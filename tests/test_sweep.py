@@ -47,8 +47,10 @@ def test_miniature_sweep_writes_results_and_resumes(tmp_path, small_text, capsys
     assert cells["bf16"]["n"] == cells["quest-w4"]["n"] == cells["cage-w4"]["n"] == 1
     tests = {c["name"]: c["test"] for c in report["cells"]}
     assert cells["quest-w4"]["gap_to_bf16"] == pytest.approx(tests["quest-w4-s0"] - tests["bf16-s0"])
-    rf = report["aggregate"]["per_bits"]["4"]["recovered_fraction"]
+    rf = report["aggregate"]["per_bits"]["4"]["recovered_fraction"]["value"]
     assert rf == pytest.approx(recovered_fraction(tests["bf16-s0"], tests["quest-w4-s0"], tests["cage-w4-s0"]))
+    grid = {c["name"]: c.get("weight_rel_quant_error") for c in report["cells"]}
+    assert grid["bf16-s0"] is None and 0 < grid["quest-w4-s0"] < 1 and 0 < grid["cage-w4-s0"] < 1
     md = (res / "accuracy-tiny.md").read_text()
     assert "| quest |" in md and "python -m cage sweep --preset tiny" in md
     assert (res / "accuracy-tiny.png").read_bytes()[:4] == b"\x89PNG"
@@ -134,8 +136,9 @@ def test_aggregate_on_synthetic_numbers():
     assert c["quest-w4"]["gap_to_bf16"] == pytest.approx(0.2) and c["cage-w4"]["gap_to_bf16"] == pytest.approx(0.15)
     assert c["ste-w3"]["n"] == 0 and c["ste-w3"]["diverged"] == 3
     pb = agg["per_bits"]
-    assert pb["4"]["recovered_fraction"] == pytest.approx(0.25)
-    assert pb["3"]["recovered_fraction"] == pytest.approx(0.525)
+    assert pb["4"]["recovered_fraction"]["value"] == pytest.approx(0.25)
+    assert pb["4"]["recovered_fraction"]["per_seed"]["0"] == pytest.approx(0.25)
+    assert pb["3"]["recovered_fraction"]["value"] == pytest.approx(0.525)
     assert pb["4"]["ranking"] == ["bf16", "cage", "quest", "ste"] and pb["4"]["paper_ranking_holds"]
     assert pb["3"]["ranking"] == ["bf16", "cage", "quest", "ste"]  # diverged ranks last
     pc = pb["4"]["paired_cage_minus_quest"]
@@ -150,6 +153,13 @@ def test_aggregate_on_synthetic_numbers():
     default = next(a for a in ab["settings"] if a["is_default"])
     assert default["n"] == 2 and default["mean"] == pytest.approx(3.19 - 0.005 + 0.05)  # seeds 0 and 1, val
     assert default["paired_minus_quest"]["mean"] == pytest.approx(3.19 - 3.4)
+    # Statistics use the seeds the compared cells share: a missing seed does not skew them.
+    partial = [r for r in _records(losses) if not (r["method"] == "quest" and r["bits"] == 4 and r["seed"] == 2)]
+    for r in partial:
+        if r["method"] == "cage" and r["bits"] == 4 and r["seed"] == 2:
+            r["test"] = 2.0  # would pull the recovered fraction far up if compared with quest's other seeds
+    pb = aggregate(partial, p)["per_bits"]["4"]
+    assert pb["recovered_fraction"]["seeds"] == [0, 1] and pb["recovered_fraction"]["value"] == pytest.approx(0.25)
     # A claim that fails is reported as failing.
     losses2 = dict(losses)
     for seed in (0, 1, 2):
