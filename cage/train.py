@@ -92,7 +92,7 @@ class TrainConfig:
     log_every: int | None = None  # None: about 20 lines per run
     device: str = "auto"
     backend: str = "auto"
-    threads: int | None = None  # None: torch's default (on a busy machine, 1 can be much faster)
+    threads: int | None = None  # None on CPU: choose_threads() (the idle cores), kept on resume
     verbose: bool = True
 
     # Fields that may differ between a run and its resumption: they do not change the weights.
@@ -218,6 +218,37 @@ def build_model(cfg: TrainConfig, device: torch.device):
     return model.to(device), wq, aq
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat (Linux); None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+
+def choose_threads(sample_s: float = 0.3) -> int:
+    """CPU threads for a run that does not set ``threads``: torch's default (one per core), less
+    the cores that other processes keep busy right now.
+
+    OpenMP threads that share their core with another busy process wait on each other at every
+    parallel region; on two shared cores this ran a training step 3x slower with 2 threads than
+    with 1. On an idle machine this is torch's default.
+    """
+    default = torch.get_num_threads()
+    before = _cpu_times()
+    if before is None:
+        return default
+    time.sleep(sample_s)
+    after = _cpu_times()
+    total = after[1] - before[1]
+    if total <= 0:
+        return default
+    busy_cores = (1.0 - (after[0] - before[0]) / total) * (os.cpu_count() or default)
+    return max(1, min(default, round((os.cpu_count() or default) - busy_cores)))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -288,6 +319,7 @@ def _atomic_write(path: Path, write) -> None:
 def save_checkpoint(path: Path, model, optimizer, data: TextData, step: int, cfg, history: dict, corpus_sha256: str) -> None:
     state = {
         "corpus_sha256": corpus_sha256,
+        "threads": torch.get_num_threads(),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "data": data.state_dict(),
@@ -298,6 +330,11 @@ def save_checkpoint(path: Path, model, optimizer, data: TextData, step: int, cfg
         "history": history,
     }
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _checkpoint_threads(out: str | None) -> int | None:
+    path = Path(out or ".") / CHECKPOINT
+    return load_checkpoint(path).get("threads") if path.is_file() else None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -377,8 +414,14 @@ def train(cfg: TrainConfig) -> dict:
     """
     threads_before = torch.get_num_threads()
     try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        threads = cfg.threads
+        if threads is None and cfg.resume:
+            # keep the count of the run's first session: results can depend on it
+            threads = _checkpoint_threads(cfg.out)
+        if threads is None and resolve_device(cfg.device).type == "cpu":
+            threads = choose_threads()
+        if threads:
+            torch.set_num_threads(threads)
         return _train(cfg)
     finally:
         torch.set_num_threads(threads_before)
@@ -609,8 +652,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--log-every", type=int, help="steps between progress lines (default: steps/20)")
     opt("--device", help="auto, cpu, cuda, cuda:1, ...")
     opt("--backend", choices=("auto", "torch", "triton"), help="quantizer/optimizer implementation")
-    opt("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a busy "
-        "machine 1 can be much faster). Resume with the same count for bit-identical results")
+    opt("--threads", type=int, help="CPU threads for torch (default: one per idle core, measured at "
+        "the start; a resumed run keeps its first count, since results can depend on it)")
     opt("--quiet", dest="verbose", action="store_false", help="print only errors")
     del g  # groups only order the help text
 

@@ -166,3 +166,15 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(peak / 10)
     assert lrs[9 + 45] == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 44 / 89))))
+
+
+def test_threads_default_to_the_idle_cores(monkeypatch):
+    default = torch.get_num_threads()
+    samples = iter([(1000, 2000), (1000 + 0, 2000 + 200)])  # no idle time at all in between
+    monkeypatch.setattr(train_mod, "_cpu_times", lambda: next(samples))
+    assert train_mod.choose_threads(sample_s=0) == 1
+    samples = iter([(1000, 2000), (1200, 2200)])  # all idle
+    monkeypatch.setattr(train_mod, "_cpu_times", lambda: next(samples))
+    assert train_mod.choose_threads(sample_s=0) == default
+    monkeypatch.setattr(train_mod, "_cpu_times", lambda: None)  # not Linux
+    assert train_mod.choose_threads(sample_s=0) == default
