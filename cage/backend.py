@@ -6,7 +6,6 @@ lazily, the first time a caller asks for them.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -24,9 +23,13 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import (without importing triton): a plain constant traces cleanly
+# under torch.compile, where a cached function call would not.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def resolve(backend: str, device: torch.device, owner: str = "cage") -> str:
