@@ -243,18 +243,12 @@ def main(argv=None) -> dict:
     common.apply_threads(args)
     device = common.pick_device(args.device)
     common.ensure_interpreter_for(device)
-    impls = [i for i in args.impls.split(",") if i]
-    for i in impls:
-        if i not in IMPLS:
-            p.error(f"unknown impl {i!r}; choose from {IMPLS}")
+    impls = common.comma_choices(p, args.impls, IMPLS, "impl")
     # the eager reference first: the others are compared against its output
     impls = sorted(impls, key=lambda i: i != "torch-eager")
     if args.no_compile:
         impls = [i for i in impls if i != "torch-compile"]
-    directions = [d for d in args.directions.split(",") if d]
-    for d in directions:
-        if d not in ("fwd", "bwd"):
-            p.error(f"unknown direction {d!r}")
+    directions = common.comma_choices(p, args.directions, ("fwd", "bwd"), "direction")
     warmup_ms, rep_ms = common.bench_times(args, device)
     env = common.environment(device)
     copy = common.copy_bandwidth(device, warmup_ms=warmup_ms, rep_ms=rep_ms)
@@ -280,15 +274,9 @@ def main(argv=None) -> dict:
         {"title": "Targets (issue 4)", "rows": tgt,
          "columns": [("target", "target"), ("value", "value"), ("status", "status")]},
     ]
-    common.print_sections(env, sections)
     extra = {"preset": args.preset, "copy": copy, "targets": tgt,
              "quantizer": {"bits": BITS, "hadamard": True, "block_size": BLOCK, "grad_mask": "trust"}}
-    result = {"env": env, "rows": rows, **extra}
-    if not args.no_write:
-        paths = common.write_results("fake_quant", env, sections, args.out, extra=extra)
-        print("\nwrote " + ", ".join(str(x) for x in paths))
-        result["paths"] = [str(x) for x in paths]
-    return result
+    return common.finish("fake_quant", env, sections, args, rows, extra)
 
 
 if __name__ == "__main__":

@@ -223,16 +223,10 @@ def main(argv=None) -> dict:
     common.apply_threads(args)
     device = common.pick_device(args.device)
     common.ensure_interpreter_for(device)
-    methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {METHODS}")
+    methods = common.comma_choices(p, args.methods, METHODS, "method")
     if args.no_compile:
         methods = [m for m in methods if m != "adamw-compile"]
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    for d in dtypes:
-        if d not in DTYPES:
-            p.error(f"unknown dtype {d!r}; choose from {sorted(DTYPES)}")
+    dtypes = common.comma_choices(p, args.dtypes, sorted(DTYPES), "dtype")
     # a step of the slowest rows takes ~50-100 ms on an H100: a longer repetition window
     warmup_ms, rep_ms = common.bench_times(args, device, gpu_rep_ms=1000.0)
     shapes = shapes_for(args.preset)
@@ -261,15 +255,9 @@ def main(argv=None) -> dict:
         {"title": "Targets (issue 4, fp32 set)", "rows": tgt,
          "columns": [("target", "target"), ("value", "value"), ("status", "status")]},
     ]
-    common.print_sections(env, sections)
     extra = {"preset": args.preset, "shapes": dataclasses.asdict(shapes),
              "numel": shapes.numel(), "numel_quant": shapes.numel("quant"), "copy": copy, "targets": tgt}
-    result = {"env": env, "rows": rows, **extra}
-    if not args.no_write:
-        paths = common.write_results("optimizer", env, sections, args.out, extra=extra)
-        print("\nwrote " + ", ".join(str(x) for x in paths))
-        result["paths"] = [str(x) for x in paths]
-    return result
+    return common.finish("optimizer", env, sections, args, rows, extra)
 
 
 if __name__ == "__main__":

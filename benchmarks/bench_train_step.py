@@ -119,10 +119,7 @@ def main(argv=None) -> dict:
     common.apply_threads(args)
     device = common.pick_device(args.device)
     common.ensure_interpreter_for(device)
-    methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {METHODS}")
+    methods = common.comma_choices(p, args.methods, METHODS, "method")
     tiny = args.preset == "tiny"
     batch = args.batch or (2 if tiny else 16)
     seq = args.seq or (32 if tiny else 512)
@@ -193,16 +190,10 @@ def main(argv=None) -> dict:
         {"title": "Target (issue 4)", "rows": tgt,
          "columns": [("target", "target"), ("value", "value"), ("status", "status")]},
     ]
-    common.print_sections(env, sections)
     extra = {"preset": args.preset, "model": {k: getattr(mcfg, k) for k in ("dim", "n_layers", "n_heads", "vocab_size")}
              | {"ffn_dim": mcfg.ffn_dim, "params": n_params},
              "batch": batch, "seq": seq, "tokens_per_step": tokens, "targets": tgt}
-    result = {"env": env, "rows": rows, **extra}
-    if not args.no_write:
-        paths = common.write_results("train_step", env, sections, args.out, extra=extra)
-        print("\nwrote " + ", ".join(str(x) for x in paths))
-        result["paths"] = [str(x) for x in paths]
-    return result
+    return common.finish("train_step", env, sections, args, rows, extra)
 
 
 if __name__ == "__main__":

@@ -445,6 +445,27 @@ def base_parser(description: str, default_preset: str, presets: Iterable[str]) -
     return p
 
 
+def comma_choices(parser: argparse.ArgumentParser, text: str, allowed: Iterable[str], what: str) -> list[str]:
+    """The items of a comma list option, each checked against ``allowed``."""
+    allowed = tuple(allowed)
+    items = [item for item in text.split(",") if item]
+    for item in items:
+        if item not in allowed:
+            parser.error(f"unknown {what} {item!r}; choose from {allowed}")
+    return items
+
+
+def finish(name: str, env: dict, sections: list[dict], args, rows: list[dict], extra: dict) -> dict:
+    """Print the tables, write the result files unless ``--no-write``; return the result."""
+    print_sections(env, sections)
+    result = {"env": env, "rows": rows, **extra}
+    if not args.no_write:
+        paths = write_results(name, env, sections, args.out, extra=extra)
+        print("\nwrote " + ", ".join(str(x) for x in paths))
+        result["paths"] = [str(x) for x in paths]
+    return result
+
+
 def apply_threads(args) -> None:
     """Apply ``--threads`` and ``--cpu-runs``."""
     global CPU_MIN_RUNS
