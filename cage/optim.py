@@ -55,6 +55,12 @@ def _check_whole_rows(p: torch.Tensor, index: int) -> None:
             )
 
 
+def _all_finite(g: torch.Tensor) -> bool:
+    # A NaN or Inf anywhere makes the sum non-finite, and a sum is ~40x cheaper on a CPU
+    # than isfinite().all(); only a non-finite sum (possibly an overflow) takes the exact test.
+    return bool(torch.isfinite(g.sum(dtype=torch.float32))) or bool(torch.isfinite(g).all())
+
+
 def moment_dtype(param: torch.Tensor) -> torch.dtype:
     """Moments stay fp32 for half-precision parameters."""
     return torch.promote_types(param.dtype, torch.float32)
@@ -178,7 +184,7 @@ class CAGEAdamW(Optimizer):
                 if g.is_sparse:
                     raise RuntimeError("CAGEAdamW does not support sparse gradients")
                 check = self.check_finite if self.check_finite is not None else g.device.type == "cpu"
-                if check and not bool(torch.isfinite(g).all()):
+                if check and not _all_finite(local_tensor(g)):
                     raise FloatingPointError(
                         f"CAGEAdamW: the gradient of parameter {pi} (shape {tuple(p.shape)}) in param "
                         f"group {gi} contains NaN or Inf; the step was not taken"

@@ -130,3 +130,17 @@ def test_nan_gradient_is_a_clear_error_and_no_step_is_taken():
     with pytest.raises(FloatingPointError, match=r"parameter 0 \(shape \(4, 128\)\) in param group 1 contains NaN or Inf"):
         opt.step()
     assert torch.equal(p, before) and not opt.state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_huge_finite_gradients_are_not_mistaken_for_inf(dtype):
+    # the fast check sums the gradient; a sum that overflows must not count as an Inf
+    big = torch.finfo(dtype).max / 2
+    p = nn.Parameter(torch.randn(4, 128).to(dtype))
+    opt = CAGEAdamW([p], total_steps=10)
+    p.grad = torch.full_like(p, big)
+    opt.step()
+    assert torch.isfinite(p).all()
+    p.grad[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        opt.step()
