@@ -474,9 +474,9 @@ def plot(path: Path, agg: dict, p: dict) -> bool:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    fig = Figure(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(11, 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     bits = sorted(p["bits"])
     ref = agg["cells"]["bf16"]
     if ref["mean"] is not None:
@@ -499,6 +499,24 @@ def plot(path: Path, agg: dict, p: dict) -> bool:
     ax.set_title(f"sweep {p['preset']}: mean ± std over seeds")
     ax.grid(alpha=0.3)
     ax.legend()
+    # The seeds share init and batches across methods: the per-seed difference is the sharp test.
+    xs, ys, es = [], [], []
+    for b in bits:
+        pc = agg["per_bits"][str(b)]["paired_cage_minus_quest"]
+        if pc["mean"] is not None:
+            xs.append(b)
+            ys.append(pc["mean"])
+            es.append(pc["std"] or 0.0)
+            ax2.plot([b] * len(pc["per_seed"]), list(pc["per_seed"].values()), ".", color="C2", alpha=0.4)
+    if xs:
+        ax2.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color="C2", label="cage - quest (mean ± std)")
+    ax2.axhline(0.0, color="C1", lw=1.2, label="quest")
+    ax2.set_xticks(bits)
+    ax2.set_xlabel("bits")
+    ax2.set_ylabel("test loss difference, same seed")
+    ax2.set_title("paired per seed: cage - quest (dots: seeds)")
+    ax2.grid(alpha=0.3)
+    ax2.legend()
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=110, format="png")
