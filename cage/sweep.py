@@ -52,14 +52,15 @@ SWEEP_PRESETS: dict[str, dict] = {
         bits=(4, 2), seeds=(0,), ablation_bits=4, lambdas=(10.0, 20.0), silences=(0.8,),
         ablation_seeds=(), jobs=1, threads=1,
     ),
-    # 2 CPU cores, about an hour for the 30 main cells + 10 ablation cells (measured on the shared
-    # 2-core machine: cpu-small takes 0.45 s (bf16) to 0.8 s (quest/cage) per step of 16 x 128
-    # bytes on one thread; two 1-thread jobs beat one 2-thread job by 2-4x when the machine is
-    # shared). 200 steps x 2048 bytes = 410k tokens, under 1 token per parameter.
+    # 2 CPU cores, under an hour for 8 seeds x 10 main cells + 3 seeds x 5 extra ablation cells
+    # (95 cells): measured 49 min on the shared 2-core machine, where a cell took 80-150 s while
+    # other jobs ran and 40-55 s otherwise (two 1-thread jobs beat one 2-thread job by 4x or more
+    # when the machine is shared). 200 steps x 2048 bytes = 410k tokens, under 1 token per
+    # parameter. benchmarks/results/accuracy-cpu.* are this preset's results.
     "cpu": dict(
         model="cpu-small", steps=200, batch_size=16, seq_len=128, eval_batches=16, lr=None, data=None,
-        bits=(4, 3, 2), seeds=(0, 1, 2), ablation_bits=3, lambdas=(5.0, 10.0, 20.0),
-        silences=(0.5, 0.8), ablation_seeds=(0, 1), jobs=2, threads=1,
+        bits=(4, 3, 2), seeds=tuple(range(8)), ablation_bits=3, lambdas=(5.0, 10.0, 20.0),
+        silences=(0.5, 0.8), ablation_seeds=(0, 1, 2), jobs=2, threads=1,
     ),
     # The paper's 30M shape (6 x 640, 5 heads, lr 1.2e-3) at sequence length 512 on one GPU
     # (bf16 autocast), on the largest offline text here: the plays plus the whole stdlib source

@@ -180,8 +180,8 @@ def _preset(name, **kw):
 def test_cpu_preset_plan():
     cells = plan_cells(_preset("cpu"))
     main = [c for c in cells if c.role == "main"]
-    assert len(main) == 3 * (1 + 3 * 3)  # seeds x (bf16 + 3 methods x 3 bits)
-    assert len(cells) == len(main) + 2 * 5  # the ablation's default setting is the main cage cell
+    assert len(main) == 8 * (1 + 3 * 3)  # seeds x (bf16 + 3 methods x 3 bits)
+    assert len(cells) == len(main) + 3 * 5  # the ablation's default setting is the main cage cell
     assert len({c.name for c in cells}) == len(cells)
     assert Cell("cage", 3, 0) in cells and Cell("cage", 3, 1, 20.0, 0.5, "ablation") in cells
     assert [c.seed for c in main] == sorted(c.seed for c in main)  # seed by seed
