@@ -577,7 +577,8 @@ def markdown(report: dict) -> str:
     L.append("| claim | here | holds |")
     L.append("|---|---|---|")
     r = cl["ranking_bf16_cage_quest_ste_at_every_bits"]
-    L.append(f"| bf16 < cage < quest < ste at every bit width | {r['per_bits']} | {r['holds']} |")
+    order = " < ".join(m for m in ("bf16", "cage", "quest", "ste") if m in p["methods"])
+    L.append(f"| {order} at every bit width | {r['per_bits']} | {r['holds']} |")
     if "cage_w4_recovers_more_than_10pct_of_quest_gap" in cl:
         c = cl["cage_w4_recovers_more_than_10pct_of_quest_gap"]
         L.append(f"| CAGE W4A4 recovers > 10% of QuEST's gap | {_f(c['value'], 3)} | {c['holds']} |")
@@ -593,6 +594,13 @@ def markdown(report: dict) -> str:
              f"mean quest - ste: {{{', '.join(f'W{b}: {_f(x)}' for b, x in nz['quest_minus_ste_mean_by_bits'].items())}}}.")
     L.append("")
     ab = agg["ablation"]
+    if ab["seeds"]:
+        _ablation_md(L, ab)
+    _tail_md(L, agg, p, bits, info)
+    return "\n".join(L)
+
+
+def _ablation_md(L: list, ab: dict) -> None:
     L.append(f"## Ablation: CAGE lambda x silence ratio, W{ab['bits']}A{ab['bits']}, **validation** loss")
     L.append("")
     L.append(f"QuEST (lambda 0) on the same seeds: {_ms(ab['quest_val_same_seeds'])}.")
@@ -606,6 +614,9 @@ def markdown(report: dict) -> str:
         L.append(f"Validation prefers lambda {ab['best']['cage_lambda']:g}, silence {ab['best']['silence_ratio']:g} "
                  f"({'the SPEC default' if ab['best_is_default'] else 'not the SPEC default'}); the main table does not use this choice.")
         L.append("")
+
+
+def _tail_md(L: list, agg: dict, p: dict, bits: list, info: dict) -> None:
     grid = agg.get("weight_rel_quant_error") or {}
     if grid:
         L.append("## Diagnostic: distance of the final weights to their grid")
@@ -635,7 +646,6 @@ def markdown(report: dict) -> str:
     L.append(f"- versions: {info.get('versions')}")
     L.append(f"- machine: {info.get('machine')}")
     L.append("")
-    return "\n".join(L)
 
 
 def write_report(out: Path, results_dir: Path, p: dict, cells: list[Cell]) -> dict:
