@@ -493,7 +493,8 @@ def plot(path: Path, agg: dict, p: dict) -> bool:
                 ys.append(st["mean"])
                 es.append(st["std"] or 0.0)
         if xs:
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m,
+                        color={"ste": "C0", "quest": "C1", "cage": "C2"}[m])
     ax.set_xticks(bits)
     ax.set_xlabel("bits (weights and activations)")
     ax.set_ylabel("final test loss (nats / byte)")
