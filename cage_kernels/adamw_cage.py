@@ -108,6 +108,22 @@ def _step_chunk(
 
 
 @triton.jit
+def _load_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds):
+    x = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    m = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=0.0)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=0.0)
+    return x, g, m, v
+
+
+@triton.jit
+def _store_chunk(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, x, m, v):
+    store_rounded(param_ptr + offsets, x, in_bounds)
+    tl.store(exp_avg_ptr + offsets, m, mask=in_bounds)
+    tl.store(exp_avg_sq_ptr + offsets, v, mask=in_bounds)
+
+
+@triton.jit
 def _adamw_cage_kernel(
     tensor_table, tile_table, rot_ptr,
     decay_factor, beta1_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
@@ -139,10 +155,7 @@ def _adamw_cage_kernel(
     if SINGLE_CHUNK:
         offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, 0, TILES, ROT_WIDTH)
         in_bounds = in_bounds & (offsets < numel)  # plain tensors: the last row is partial
-        x = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        g = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        m = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=0.0)
-        v = tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=0.0)
+        x, g, m, v = _load_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds)
         x, m, v = _step_chunk(
             x, g, m, v, in_bounds, 0.0, n_cols, rot,
             decay_factor, beta1_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
@@ -150,9 +163,7 @@ def _adamw_cage_kernel(
             BLOCK_ROWS, TILES, ROT_WIDTH, LERP_SMALL_WEIGHT, CAGE, COUPLED, True, HADAMARD,
             LEVELS, RMS_EPS, X_DOT_DTYPE, LEVEL_DOT_DTYPE,
         )
-        store_rounded(param_ptr + offsets, x, in_bounds)
-        tl.store(exp_avg_ptr + offsets, m, mask=in_bounds)
-        tl.store(exp_avg_sq_ptr + offsets, v, mask=in_bounds)
+        _store_chunk(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, x, m, v)
     else:
         # Sweep 1 (only quantized tensors have rows longer than a chunk): the row's sum
         # of squares of the tensor Q is taken of.
@@ -174,10 +185,7 @@ def _adamw_cage_kernel(
         # Sweep 2: the update, chunk by chunk, with the row scale known.
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
-            x = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-            g = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-            m = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=0.0)
-            v = tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=0.0)
+            x, g, m, v = _load_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds)
             x, m, v = _step_chunk(
                 x, g, m, v, in_bounds, scale, n_cols, rot,
                 decay_factor, beta1_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
@@ -185,9 +193,7 @@ def _adamw_cage_kernel(
                 BLOCK_ROWS, TILES, ROT_WIDTH, LERP_SMALL_WEIGHT, CAGE, COUPLED, False, HADAMARD,
                 LEVELS, RMS_EPS, X_DOT_DTYPE, LEVEL_DOT_DTYPE,
             )
-            store_rounded(param_ptr + offsets, x, in_bounds)
-            tl.store(exp_avg_ptr + offsets, m, mask=in_bounds)
-            tl.store(exp_avg_sq_ptr + offsets, v, mask=in_bounds)
+            _store_chunk(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, x, m, v)
 
 
 # ---- host side --------------------------------------------------------------------------

@@ -42,26 +42,25 @@ def test_forward_shapes_and_loss():
     assert abs(loss.item() - math.log(256)) < 0.1
 
 
-def test_causal_future_tokens_do_not_change_earlier_logits():
-    model = tiny().eval()
+def assert_causal(model, cut: int, shift: int) -> None:
+    """Changing the tokens from ``cut`` on leaves the logits before ``cut`` unchanged."""
     idx = torch.randint(0, 256, (2, 20))
     changed = idx.clone()
-    changed[:, 12:] = (changed[:, 12:] + 7) % 256
+    changed[:, cut:] = (changed[:, cut:] + shift) % 256
     a, _ = model(idx)
     b, _ = model(changed)
-    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
-    assert (a[:, 12] - b[:, 12]).abs().max() > 1e-3  # and the changed positions do change
+    torch.testing.assert_close(a[:, :cut], b[:, :cut], rtol=0, atol=1e-6)
+    assert (a[:, cut] - b[:, cut]).abs().max() > 1e-3  # and the changed positions do change
+
+
+def test_causal_future_tokens_do_not_change_earlier_logits():
+    assert_causal(tiny().eval(), cut=12, shift=7)
 
 
 def test_causal_after_prepare_qat():
     # Activation quantization is per token, so it must not leak information across positions.
-    model = cage.prepare_qat(tiny(), weight=cage.QuantConfig(4, block_size=64), activation=cage.QuantConfig(4, block_size=64)).eval()
-    idx = torch.randint(0, 256, (2, 20))
-    changed = idx.clone()
-    changed[:, 15:] = (changed[:, 15:] + 1) % 256
-    a, _ = model(idx)
-    b, _ = model(changed)
-    torch.testing.assert_close(a[:, :15], b[:, :15], rtol=0, atol=1e-6)
+    q = cage.QuantConfig(4, block_size=64)
+    assert_causal(cage.prepare_qat(tiny(), weight=q, activation=q).eval(), cut=15, shift=1)
 
 
 def test_rotary_depends_only_on_relative_position():
