@@ -6,7 +6,7 @@
 Quantizer: W4, Hadamard block 128, trust mask (QuEST), ``rotate_back=True`` (output in the
 input space: two rotations per call, the general case). Rows per case and direction:
 
-- ``triton``: ``cage_kernels.quantize`` / ``cage_kernels.masked_grad`` (mask bit-packed);
+- ``triton``: ``cage.kernel_ops.quantize`` / ``cage.kernel_ops.masked_grad`` (mask bit-packed);
 - ``torch-eager``: ``cage.naive.quantize`` / ``cage.naive.masked_grad`` as shipped (bool mask);
 - ``torch-compile``: ``torch.compile`` of the same reference math, with the Hadamard matrix
   passed in as a device tensor (``naive.hadamard_matrix`` builds it on the host and copies it

@@ -27,9 +27,9 @@ def get_ops(backend: str, device: torch.device, owner: str = "cage"):
     """
     if _backend.resolve(backend, device, owner) == "torch":
         return _TORCH_OPS
-    import cage_kernels  # deferred: Triton is optional
+    from . import kernel_ops  # deferred: Triton is optional
 
-    return cage_kernels
+    return kernel_ops
 
 
 def check_quantizable(x, config, name: str = "x") -> None:

@@ -15,6 +15,9 @@ from .config import QuantConfig
 SCHEDULES = ("linear_ramp", "constant")
 COUPLINGS = ("decoupled", "coupled")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+# check_finite values: None = "auto" (raise for CPU gradients, skip on a GPU), True = "raise"
+# (a host check: a sync on a GPU), "skip" (a device flag, no sync), False = "off".
+CHECK_MODES = {None: "auto", True: "raise", "raise": "raise", "skip": "skip", False: "off"}
 
 
 def cage_lambda_at(step: int, total_steps: int, cage_lambda: float, silence_ratio: float, schedule: str) -> float:
@@ -59,6 +62,24 @@ def _all_finite(g: torch.Tensor) -> bool:
     # A NaN or Inf anywhere makes the sum non-finite, and a sum is ~40x cheaper on a CPU
     # than isfinite().all(); only a non-finite sum (possibly an overflow) takes the exact test.
     return bool(torch.isfinite(g.sum(dtype=torch.float32))) or bool(torch.isfinite(g).all())
+
+
+def reference_step(p, grad, state: dict, step: int, group: dict, cage_lambda: float,
+                   found_inf: torch.Tensor | None = None) -> None:
+    """The torch reference step of one (local) tensor, in place. With a device flag
+    ``found_inf``, the update is computed aside and kept only where the flag is 0."""
+    beta1, beta2 = group["betas"]
+    targets = (p, state["exp_avg"], state["exp_avg_sq"])
+    work = [t.clone() for t in targets] if found_inf is not None else targets
+    naive.adamw_cage_step(
+        work[0], grad, work[1], work[2], step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        weight_decay=group["weight_decay"], quant=group["quant"], cage_lambda=cage_lambda,
+        coupling=group["coupling"],
+    )
+    if found_inf is not None:
+        skip = found_inf.to(device=p.device) != 0
+        for target, new in zip(targets, work):
+            target.copy_(torch.where(skip, target, new))
 
 
 def moment_dtype(param: torch.Tensor) -> torch.dtype:
@@ -126,8 +147,12 @@ class CAGEAdamW(Optimizer):
     ``t / total_steps <= silence_ratio``, then a linear ramp to ``cage_lambda``
     (``"linear_ramp"``) or ``cage_lambda`` at once (``"constant"``). With
     ``lambda_t = 0`` the update is exactly AdamW's. bf16/fp16 parameters keep fp32
-    moments. Gradients are checked for NaN/Inf where that costs no host sync
-    (``check_finite=None``: CPU tensors), always (``True``) or never (``False``).
+    moments. Non-finite gradients (``check_finite``): by default a CPU gradient with
+    NaN/Inf raises ``FloatingPointError`` before anything changes, and on a GPU the whole
+    step is skipped on the device without a host sync (``found_inf``, ``skipped_steps``);
+    ``"raise"``/``True`` raises everywhere (a sync on a GPU), ``"skip"`` skips everywhere,
+    ``False`` checks nothing. A skipped step still advances the step count and with it
+    the bias corrections and the lambda schedule.
     """
 
     def __init__(
@@ -144,13 +169,18 @@ class CAGEAdamW(Optimizer):
         schedule: str = "linear_ramp",
         coupling: str = "decoupled",
         backend: str = "auto",
-        check_finite: bool | None = None,
+        check_finite: bool | str | None = None,
     ):
         _backend.check_backend_name(backend, "CAGEAdamW")
-        if check_finite not in (None, True, False):
-            raise ValueError(f"CAGEAdamW: check_finite must be None, True or False, got {check_finite!r}")
+        if not any(check_finite is mode or (isinstance(check_finite, str) and check_finite == mode)
+                   for mode in CHECK_MODES):
+            raise ValueError(
+                f"CAGEAdamW: check_finite must be None, True, False, 'raise' or 'skip', got {check_finite!r}"
+            )
         self.backend = backend
         self.check_finite = check_finite
+        self.found_inf: torch.Tensor | None = None  # the last step's device flag ("skip" mode)
+        self._skipped_steps: torch.Tensor | None = None
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, total_steps=total_steps,
             cage_lambda=cage_lambda, silence_ratio=silence_ratio, schedule=schedule,
@@ -175,6 +205,13 @@ class CAGEAdamW(Optimizer):
                 state[key] = torch.zeros_like(p, dtype=moment_dtype(p), memory_format=torch.preserve_format)
         return state
 
+    def _check_mode(self, device: torch.device) -> str:
+        """"raise", "skip" or "off" for gradients on ``device``."""
+        mode = CHECK_MODES[self.check_finite]
+        if mode == "auto":  # a host check is free on CPU; on a GPU it would sync
+            return "raise" if device.type == "cpu" else "skip"
+        return mode
+
     def _check_grads(self) -> None:
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -183,12 +220,35 @@ class CAGEAdamW(Optimizer):
                     continue
                 if g.is_sparse:
                     raise RuntimeError("CAGEAdamW does not support sparse gradients")
-                check = self.check_finite if self.check_finite is not None else g.device.type == "cpu"
-                if check and not _all_finite(local_tensor(g)):
+                if self._check_mode(g.device) == "raise" and not _all_finite(local_tensor(g)):
                     raise FloatingPointError(
                         f"CAGEAdamW: the gradient of parameter {pi} (shape {tuple(p.shape)}) in param "
                         f"group {gi} contains NaN or Inf; the step was not taken"
                     )
+
+    def _found_inf(self) -> torch.Tensor | None:
+        """A one-element fp32 device flag, 1.0 when any gradient checked in "skip" mode
+        is non-finite (computed on the device: no host sync), or None when none is."""
+        grads = [local_tensor(p.grad) for g in self.param_groups for p in g["params"]
+                 if p.grad is not None and self._check_mode(p.grad.device) == "skip"]
+        if not grads:
+            return None
+        # one multi-tensor pass: an L1 norm is NaN or Inf exactly when an element is
+        # (barring a finite sum above 3e38), and fp32 accumulation keeps fp16 sums finite
+        norms = torch._foreach_norm(grads, 1, dtype=torch.float32)
+        device = grads[0].device
+        flag = (~torch.isfinite(torch.stack([n.to(device) for n in norms])).all()).to(torch.float32).reshape(1)
+        if self._skipped_steps is None or self._skipped_steps.device != device:
+            self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self._skipped_steps += flag[0].to(torch.int64)
+        self.found_inf = flag
+        return flag
+
+    @property
+    def skipped_steps(self) -> torch.Tensor | None:
+        """Device counter of the steps skipped for a non-finite gradient (``check_finite``
+        "skip", the GPU default); read it when a sync does not matter. None before any."""
+        return self._skipped_steps
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -197,36 +257,29 @@ class CAGEAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_grads()
+        found_inf = self._found_inf()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             states = [self._init_state(p) for p in params]
             for s in states:
+                # a skipped step counts too: the count, the bias corrections and lambda_t
+                # advance exactly as if it had been taken (knowing better would need a sync)
                 s["step"] += 1
-            # Rows are whole on every process (checked at construction), so FSDP2's
-            # sharded parameters are updated shard by shard, in place, through local views.
-            local_params = [local_tensor(p) for p in params]
-            local_grads = [local_tensor(p.grad) for p in params]
-            local_states = [{k: local_tensor(v) for k, v in s.items()} for s in states]
-            if _backend.resolve(self.backend, local_params[0].device, "CAGEAdamW") == "triton":
-                import cage_kernels  # deferred: Triton is optional
+            if _backend.resolve(self.backend, local_tensor(params[0]).device, "CAGEAdamW") == "triton":
+                from . import kernel_ops  # deferred: Triton is optional
 
-                cage_kernels.adamw_cage_step_group(group, params, states, self.lambda_at)
+                kernel_ops.adamw_cage_step_group(group, params, states, self.lambda_at, found_inf)
             else:
-                self._step_group_torch(group, local_params, local_grads, local_states)
+                # Rows are whole on every process (checked at construction), so FSDP2's
+                # sharded parameters are updated shard by shard, in place, through local views.
+                for p, state in zip(params, states):
+                    local_state = {k: local_tensor(v) for k, v in state.items()}
+                    step = int(local_state["step"].item())  # a CPU tensor: no device sync
+                    reference_step(local_tensor(p), local_tensor(p.grad), local_state, step, group,
+                                   self.lambda_at(step, group), found_inf)
         return loss
-
-    def _step_group_torch(self, group: dict, params, grads, states) -> None:
-        beta1, beta2 = group["betas"]
-        for p, grad, state in zip(params, grads, states):
-            step = int(state["step"].item())  # a CPU tensor: no device sync
-            naive.adamw_cage_step(
-                p, grad, state["exp_avg"], state["exp_avg_sq"], step,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], quant=group["quant"],
-                cage_lambda=self.lambda_at(step, group), coupling=group["coupling"],
-            )
 
     # ---- state dicts: QuantConfig travels as a plain dict (loads with weights_only=True),
     # and fp32 moments of half-precision parameters are never cast down on load.

@@ -1,12 +1,16 @@
-"""Fused Triton kernels of the CAGE QAT runtime (the "triton" backend of ``cage``).
+"""Fused Triton kernels of the CAGE QAT runtime: the lowest layer.
 
-``cage.functional.get_ops`` hands this module itself to the autograd function, so it
-exposes the backend contract:
+Tensors and plain numbers in, nothing imported from ``cage`` (which owns the quantizer
+config, the fallbacks and the autograd functions, and calls these launchers):
 
-- ``quantize(x, config, rotate_back) -> (q, mask_state)``  (fake_quant.py)
-- ``masked_grad(grad, mask_state, config, grad_is_rotated) -> grad_x``  (fake_quant_backward.py)
-- ``mask_to_bool(mask_state, shape) -> bool tensor``  (mask_state: bit-packed uint8)
-- ``adamw_cage_step_group(group, params, states, lambda_at)``  (adamw_cage.py)
+- ``fake_quant_forward(x, levels=, alpha=, hadamard=, block_size=, mask_mode=, ...)
+  -> (q, packed mask)``  (fake_quant.py)
+- ``fake_quant_backward(grad, mask, hadamard=, block_size=, apply_mask=, ...) -> grad_x``
+  (masked_backward.py)
+- ``adamw_cage_step(params, grads, exp_avgs, exp_avg_sqs, step=, lr=, ...)``: the fused
+  multi-tensor AdamW + CAGE step (adamw_cage.py)
+- ``pack_mask`` / ``mask_to_bool``: the bit-packed mask format, torch side.
+- ``python -m cage_kernels.report``: the compile gate (registers, spills, shared memory).
 
 On CPU tensors the kernels run only under Triton's interpreter: set TRITON_INTERPRET=1
 before this package is imported.
@@ -21,8 +25,12 @@ except ImportError as err:  # pragma: no cover - exercised only without triton
         "use backend='torch' to run without it"
     ) from err
 
-from .adamw_cage import adamw_cage_step_group
-from .fake_quant import mask_to_bool, quantize
-from .fake_quant_backward import masked_grad
+from .adamw_cage import adamw_cage_step, kernel_can_step
+from .fake_quant import fake_quant_forward, mask_to_bool, pack_mask, supports
+from .masked_backward import fake_quant_backward
+from .quant_math import MASK_CLIP, MASK_NONE, MASK_TRUST
 
-__all__ = ["adamw_cage_step_group", "mask_to_bool", "masked_grad", "quantize"]
+__all__ = [
+    "MASK_CLIP", "MASK_NONE", "MASK_TRUST", "adamw_cage_step", "fake_quant_backward", "fake_quant_forward",
+    "kernel_can_step", "mask_to_bool", "pack_mask", "supports",
+]

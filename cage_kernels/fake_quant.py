@@ -12,42 +12,39 @@ passes. For ``grad_mask="none"`` nothing is stored: an empty uint8 tensor.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from cage import naive
-from cage.config import RMS_EPS, QuantConfig
-
 from .hadamard import MAX_KERNEL_BLOCK, load_rotation, load_rotation_args
+from .launch import Launch, dtype_of
 from .quant_math import (
+    MASK_CLIP,
     MASK_NONE,
+    MASK_TRUST,
     chunk_offsets,
-    mask_mode_and_radius,
     pack_mask_bits,
     quantize_chunk,
     row_scale,
     row_sum_squares,
     store_rounded,
 )
-from .tiling import exact_dot_dtype, is_interpreted, level_dot_dtype, plan_rows, quant_rot_width
+from .tiling import dot_dtype, is_interpreted, plan_rows, quant_rot_width, split_parts
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MASK_MODES = (MASK_NONE, MASK_CLIP, MASK_TRUST)
 
 
 @triton.jit
 def _quantize_store_chunk(
     x, offsets, in_bounds, col_start, rows, row_ok, scale, rot, q_ptr, mask_ptr, row_bytes,
-    inv_sqrt_block, mask_radius,
-    BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr, LEVELS: tl.constexpr,
-    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, MASK_MODE: tl.constexpr,
-    X_DOT_DTYPE: tl.constexpr, LEVEL_DOT_DTYPE: tl.constexpr,
+    inv_sqrt_block, step_divisor, mask_radius,
+    BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
+    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, MASK_MODE: tl.constexpr, X_SPLIT: tl.constexpr,
 ):
     q, keep = quantize_chunk(
-        x, rot, scale, inv_sqrt_block, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH, LEVELS,
-        HADAMARD, ROTATE_BACK, MASK_MODE, X_DOT_DTYPE, LEVEL_DOT_DTYPE,
+        x, rot, scale, inv_sqrt_block, step_divisor, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
+        HADAMARD, ROTATE_BACK, MASK_MODE, X_SPLIT,
     )
     store_rounded(q_ptr + offsets, q, in_bounds)
     if MASK_MODE != 0:
@@ -61,11 +58,10 @@ def _quantize_store_chunk(
 def _fake_quant_fwd_kernel(
     x_ptr, q_ptr, mask_ptr, rot_ptr,
     n_rows, n_cols, row_bytes,
-    alpha, inv_sqrt_block, mask_radius,
+    alpha, step_divisor, inv_sqrt_block, mask_radius, rms_eps,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
-    SINGLE_CHUNK: tl.constexpr, LEVELS: tl.constexpr, HADAMARD: tl.constexpr,
-    ROTATE_BACK: tl.constexpr, MASK_MODE: tl.constexpr, RMS_EPS: tl.constexpr,
-    X_DOT_DTYPE: tl.constexpr, LEVEL_DOT_DTYPE: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr, HADAMARD: tl.constexpr,
+    ROTATE_BACK: tl.constexpr, MASK_MODE: tl.constexpr, X_SPLIT: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
     row_ok = rows < n_rows
@@ -78,26 +74,27 @@ def _fake_quant_fwd_kernel(
     if SINGLE_CHUNK:
         offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, 0, TILES, ROT_WIDTH)
         x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        scale = row_scale(row_sum_squares(x), n_cols, alpha, RMS_EPS)
+        scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
         _quantize_store_chunk(
             x, offsets, in_bounds, 0, rows, row_ok, scale, rot, q_ptr, mask_ptr, row_bytes,
-            inv_sqrt_block, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH, LEVELS,
-            HADAMARD, ROTATE_BACK, MASK_MODE, X_DOT_DTYPE, LEVEL_DOT_DTYPE,
+            inv_sqrt_block, step_divisor, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
+            HADAMARD, ROTATE_BACK, MASK_MODE, X_SPLIT,
         )
     else:
+        # sweep 1: the rows' sums of squares; sweep 2 re-reads the row block from L2
         sum_squares = tl.zeros((BLOCK_ROWS,), tl.float32)
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
             x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
             sum_squares += row_sum_squares(x)
-        scale = row_scale(sum_squares, n_cols, alpha, RMS_EPS)
+        scale = row_scale(sum_squares, n_cols, alpha, rms_eps)
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
             x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
             _quantize_store_chunk(
                 x, offsets, in_bounds, col_start, rows, row_ok, scale, rot, q_ptr, mask_ptr, row_bytes,
-                inv_sqrt_block, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH, LEVELS,
-                HADAMARD, ROTATE_BACK, MASK_MODE, X_DOT_DTYPE, LEVEL_DOT_DTYPE,
+                inv_sqrt_block, step_divisor, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
+                HADAMARD, ROTATE_BACK, MASK_MODE, X_SPLIT,
             )
 
 
@@ -146,72 +143,73 @@ def mask_to_bool(mask_state: torch.Tensor, shape) -> torch.Tensor:
 # ---- launcher ---------------------------------------------------------------------------
 
 
-def uses_kernel(dtype: torch.dtype, config: QuantConfig) -> bool:
-    """fp64 and Hadamard blocks above MAX_KERNEL_BLOCK go to the torch reference."""
-    return dtype in KERNEL_DTYPES and (not config.hadamard or config.block_size <= MAX_KERNEL_BLOCK)
+def supports(dtype: torch.dtype, hadamard: bool, block_size: int) -> bool:
+    """What the kernels take; callers send anything else (fp64, Hadamard blocks above
+    MAX_KERNEL_BLOCK) to a reference implementation."""
+    return dtype in KERNEL_DTYPES and (not hadamard or block_size <= MAX_KERNEL_BLOCK)
+
+
+def check_quantizer_args(dtype, levels, alpha, hadamard, block_size, mask_mode, n_cols) -> None:
+    if not supports(dtype, hadamard, block_size):
+        raise ValueError(
+            f"cage_kernels: dtype {dtype} with hadamard={hadamard}, block_size={block_size} is not supported "
+            f"(dtypes {KERNEL_DTYPES}, Hadamard blocks up to {MAX_KERNEL_BLOCK})"
+        )
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
+        raise ValueError(f"cage_kernels: levels must be an integer in 2..256 (2**bits), got {levels!r}")
+    if not alpha > 0:
+        raise ValueError(f"cage_kernels: alpha must be > 0, got {alpha!r}")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"cage_kernels: mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    if hadamard and n_cols % block_size:
+        raise ValueError(f"cage_kernels: rows of {n_cols} columns are not whole Hadamard blocks of {block_size}")
+
+
+def forward_launch(x, q, mask, rot, n_rows, n_cols, *, levels, alpha, hadamard, block_size, mask_mode,
+                   mask_radius, rotate_back, rms_eps, interpreted=None):
+    """``(Launch, args)`` of the forward kernel; the tensors may be dtypes (compile gate)."""
+    if interpreted is None:
+        interpreted = is_interpreted(_fake_quant_fwd_kernel)
+    blocking = plan_rows(n_rows, n_cols, quant_rot_width(hadamard, block_size, n_cols),
+                         uses_dot=hadamard, interpreted=interpreted)
+    launch = Launch.of(
+        _fake_quant_fwd_kernel, (triton.cdiv(n_rows, blocking.block_rows),), blocking.num_warps,
+        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
+        SINGLE_CHUNK=blocking.single_chunk, HADAMARD=hadamard, ROTATE_BACK=rotate_back,
+        MASK_MODE=mask_mode, X_SPLIT=split_parts(dtype_of(x)),
+    )
+    args = (x, q, mask, rot, n_rows, n_cols, mask_bytes_per_row(n_cols),
+            alpha, float(levels - 1), 1.0 / block_size**0.5 if hadamard else 1.0, mask_radius, rms_eps)
+    return launch, args
 
 
 def fake_quant_forward(
-    x: torch.Tensor, config: QuantConfig, rotate_back: bool = True
+    x: torch.Tensor, *, levels: int, alpha: float, hadamard: bool, block_size: int, mask_mode: int,
+    mask_radius: float, rotate_back: bool = True, rms_eps: float = 1e-20,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Q(x) in x's dtype and shape, contiguous; packed mask)``."""
-    n_cols = x.shape[-1] if x.dim() else 1
-    mode, radius = mask_mode_and_radius(config)
-    if not uses_kernel(x.dtype, config):
-        q, mask = naive.quantize(x, config, rotate_back)
-        return q.contiguous(), (empty_mask(x.device) if mode == MASK_NONE else pack_mask(mask))
+    """QuEST fake quantization of ``x`` along its last dimension (SPEC 1):
+    ``(Q(x) in x's dtype and shape, contiguous; bit-packed mask)``.
 
+    ``levels = 2**bits``, ``alpha`` the clip in units of the row RMS, ``mask_mode`` one of
+    MASK_NONE / MASK_CLIP (``|x_h| <= mask_radius * s``) / MASK_TRUST
+    (``|q_h - x_h| <= mask_radius * s``)."""
+    n_cols = x.shape[-1] if x.dim() else 1
+    check_quantizer_args(x.dtype, levels, alpha, hadamard, block_size, mask_mode, n_cols)
     x = x.contiguous()
     n_rows = x.numel() // n_cols if n_cols else 0
     q = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if mode == MASK_NONE:
+    if mask_mode == MASK_NONE:
         mask = empty_mask(x.device)
     else:
         mask = torch.empty((n_rows, mask_bytes_per_row(n_cols)), dtype=torch.uint8, device=x.device)
     if x.numel() == 0:
         return q, mask
-
     interpreted = is_interpreted(_fake_quant_fwd_kernel)
-    blocking = plan_rows(
-        n_rows, n_cols, quant_rot_width(config.hadamard, config.block_size, n_cols),
-        uses_dot=config.hadamard, interpreted=interpreted,
+    rot, _ = load_rotation_args(hadamard, block_size, x.device, dummy=x, interpreted=interpreted)
+    launch, args = forward_launch(
+        x, q, mask if mask.numel() else q, rot, n_rows, n_cols, levels=levels, alpha=alpha,
+        hadamard=hadamard, block_size=block_size, mask_mode=mask_mode, mask_radius=mask_radius,
+        rotate_back=rotate_back, rms_eps=rms_eps, interpreted=interpreted,
     )
-    rot, inv_sqrt_block = load_rotation_args(config.hadamard, config.block_size, x.device, dummy=x)
-    grid = (triton.cdiv(n_rows, blocking.block_rows),)
-    _fake_quant_fwd_kernel[grid](
-        x, q, mask if mask.numel() else q, rot,
-        n_rows, n_cols, mask_bytes_per_row(n_cols),
-        config.alpha, inv_sqrt_block, radius,
-        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
-        SINGLE_CHUNK=blocking.single_chunk, LEVELS=config.levels, HADAMARD=config.hadamard,
-        ROTATE_BACK=rotate_back, MASK_MODE=mode, RMS_EPS=RMS_EPS,
-        X_DOT_DTYPE=exact_dot_dtype(x.dtype, interpreted), LEVEL_DOT_DTYPE=level_dot_dtype(interpreted),
-        num_warps=blocking.num_warps,
-    )
+    launch(*args)
     return q, mask
-
-
-# ---- custom op: torch.compile sees an opaque node with a fake (shape-only) impl ----------
-
-
-@torch.library.custom_op("cage::fake_quant_fwd", mutates_args=())
-def fake_quant_fwd_op(
-    x: torch.Tensor, bits: int, hadamard: bool, block_size: int, grad_mask: str, rotate_back: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    config = QuantConfig(bits=bits, hadamard=hadamard, block_size=block_size, grad_mask=grad_mask)
-    return fake_quant_forward(x, config, rotate_back)
-
-
-@fake_quant_fwd_op.register_fake
-def _(x, bits, hadamard, block_size, grad_mask, rotate_back):
-    q = x.new_empty(x.shape)
-    if grad_mask == "none":
-        return q, x.new_empty(0, dtype=torch.uint8)
-    n_cols = x.shape[-1] if x.dim() else 1
-    n_rows = math.prod(x.shape[:-1]) if x.dim() else 1
-    return q, x.new_empty((n_rows, (n_cols + 7) // 8), dtype=torch.uint8)
-
-
-def quantize(x: torch.Tensor, config: QuantConfig, rotate_back: bool = True):
-    """The backend contract of cage.functional: ``(Q(x), mask_state)``."""
-    return fake_quant_fwd_op(x, config.bits, config.hadamard, config.block_size, config.grad_mask, rotate_back)

@@ -14,17 +14,6 @@ MASK_CLIP = 1  # |x_h| <= radius * s
 MASK_TRUST = 2  # |q_h - x_h| <= s * radius
 
 
-def mask_mode_and_radius(config) -> tuple[int, float]:
-    """The kernel's (mode, radius in units of s) for a QuantConfig, as naive.quantize_rotated."""
-    if config.grad_mask == "none":
-        return MASK_NONE, 0.0
-    if config.grad_mask == "clip":
-        return MASK_CLIP, 1.0
-    if config.bits == 1:
-        return MASK_CLIP, config.one_bit_widening
-    return MASK_TRUST, config.trust_halfwidth
-
-
 @triton.jit
 def chunk_offsets(rows, row_ok, n_cols, col_start, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr):
     """Element offsets ``[BLOCK_ROWS, TILES, ROT_WIDTH]`` (int64: rows are int64) of the
@@ -63,48 +52,48 @@ def row_sum_squares(chunk):
 
 
 @triton.jit
-def row_scale(sum_squares, n_cols, alpha, RMS_EPS: tl.constexpr):
+def row_scale(sum_squares, n_cols, alpha, rms_eps):
     """``s = alpha * sqrt(mean(x**2) + eps)``: the rotation is orthonormal, so the
     mean square of the unrotated row is that of the rotated one (SPEC 1 step 2)."""
     mean_square = tl.div_rn(sum_squares, n_cols.to(tl.float32))
-    return alpha * tl.sqrt_rn(mean_square + RMS_EPS)
+    return alpha * tl.sqrt_rn(mean_square + rms_eps)
 
 
 @triton.jit
 def quantize_chunk(
-    x, rot, scale, inv_sqrt_block, mask_radius,
-    BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr, LEVELS: tl.constexpr,
-    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, MASK_MODE: tl.constexpr,
-    X_DOT_DTYPE: tl.constexpr, LEVEL_DOT_DTYPE: tl.constexpr,
+    x, rot, scale, inv_sqrt_block, step_divisor, mask_radius,
+    BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
+    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, MASK_MODE: tl.constexpr, X_SPLIT: tl.constexpr,
 ):
     """QuEST fake quantization of a chunk of whole rotation blocks (SPEC 1 steps 1, 3, 4).
 
-    x: fp32 ``[BLOCK_ROWS, TILES, ROT_WIDTH]``; scale: fp32 ``[BLOCK_ROWS]``, the row's s.
+    x: fp32 ``[BLOCK_ROWS, TILES, ROT_WIDTH]``; scale: fp32 ``[BLOCK_ROWS]``, the row's s;
+    ``step_divisor`` is ``levels - 1`` (a run-time value: one compiled kernel serves every
+    bit width); ``X_SPLIT`` the bf16 parts x is exact in (``hadamard.rotate_tiles``).
     Returns ``(q, keep)``: q fp32, ``Q(x)`` in the input space (or the rotated ``q(x_h)``
     when not ROTATE_BACK); keep the straight-through mask in the rotated domain
     (meaningless for MASK_NONE).
     """
     if HADAMARD:
-        x_h = rotate_tiles(x, rot, BLOCK_ROWS, TILES, ROT_WIDTH, X_DOT_DTYPE) * inv_sqrt_block
+        x_h = rotate_tiles(x, rot, BLOCK_ROWS, TILES, ROT_WIDTH, X_SPLIT, 3) * inv_sqrt_block
     else:
         x_h = x
     s = scale[:, None, None]
-    step = tl.div_rn(2.0 * s, tl.full(s.shape, LEVELS - 1, tl.float32))
+    step = tl.div_rn(2.0 * s, tl.zeros_like(s) + step_divisor)
     clipped = tl.minimum(tl.maximum(x_h, -s), s)
-    # grid level k - 0.5, a half-integer in [-(LEVELS-1)/2, (LEVELS-1)/2]
+    # grid level k - 0.5, a half-integer in [-(levels-1)/2, (levels-1)/2]
     level = round_half_even(tl.div_rn(clipped, step) + 0.5) - 0.5
-    q_h = level * step
     if MASK_MODE == 1:
         keep = tl.abs(x_h) <= mask_radius * s
     elif MASK_MODE == 2:
-        keep = tl.abs(q_h - x_h) <= s * mask_radius
+        keep = tl.abs(level * step - x_h) <= s * mask_radius
     else:
         keep = x_h == x_h
     if HADAMARD and ROTATE_BACK:
-        # rotate the levels, not q_h: they are exact in bf16, so this product is exact
-        q = rotate_tiles(level, rot, BLOCK_ROWS, TILES, ROT_WIDTH, LEVEL_DOT_DTYPE) * (step * inv_sqrt_block)
+        # rotate the levels, not q_h: half-integers, exact in bf16 (and their sums of 16 in two parts)
+        q = rotate_tiles(level, rot, BLOCK_ROWS, TILES, ROT_WIDTH, 1, 2) * (step * inv_sqrt_block)
     else:
-        q = q_h
+        q = level * step
     return q, keep
 
 

@@ -1,5 +1,13 @@
 """Host-side launch planning shared by the kernels: how rows are cut into chunks and
-tiles, which dtype a rotation's ``tl.dot`` may use, and whether we run interpreted."""
+tiles, which dtype a rotation's ``tl.dot`` uses, and whether we run interpreted.
+
+A program owns ``block_rows`` whole rows and walks them one chunk of
+``[block_rows, tiles, rot_width]`` elements at a time. The chunk is small and fixed
+(CHUNK_ELEMS), so a kernel's registers do not grow with the row: that is what keeps the
+compiled kernels free of spills for rows of any length. A row block that fits one chunk
+is loaded once; a longer one is swept twice (the row's sum of squares first), and the
+row block is sized (ROW_BLOCK_ELEMS) so that the second sweep's reads come from L2.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +19,23 @@ import triton.language as tl
 
 from .hadamard import MIN_DOT, rotation_width
 
-# Longest row chunk a program holds in registers. A row up to this long (padded to a
-# power of two) is read once; a longer one is swept twice (sum of squares, then the rest).
-ROW_CHUNK_MAX = 8192
-# Elements per program (rows x chunk). The interpreter pays ~1 ms of Python per program,
-# so it gets bigger tiles; compiled code gets register-friendly ones.
-TILE_ELEMS_COMPILED = 4096
-TILE_ELEMS_INTERPRETED = 16384
-# Columns of a chunk tile when nothing is rotated (rows of any length, masked at the end).
+# Elements of one chunk, the unit a program holds in registers. Compiled: 2048 fp32 over
+# 4 warps is 16 per thread and stream. The interpreter pays ~1 ms of Python per program
+# and per op, so it gets more.
+CHUNK_ELEMS_COMPILED = 2048
+CHUNK_ELEMS_INTERPRETED = 16384
+# Elements of a program's row block (block_rows x row length) the planner aims below when
+# choosing rows per program: what the second sweep re-reads, per program, from L2.
+ROW_BLOCK_ELEMS_COMPILED = 16384
+ROW_BLOCK_ELEMS_INTERPRETED = 1 << 20
+# Cap on the columns of one chunk, read at call time (tests lower it to reach the
+# two-sweep path on small rows).
+ROW_CHUNK_MAX = 1 << 16
+# Columns of a tile when nothing is rotated (rows of any length, masked at the end).
 PLAIN_TILE_WIDTH = 128
+# Streaming kernels run 4 warps: with the registers a chunk needs, that leaves several
+# resident CTAs per SM (the compile gate checks at least 2).
+NUM_WARPS = 4
 
 
 def is_interpreted(kernel) -> bool:
@@ -37,11 +53,8 @@ def prev_pow2(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RowTiling:
-    """A program handles ``block_rows`` rows, ``tiles`` x ``rot_width`` columns at a time.
-
-    ``n_chunks`` is how many such chunks cover the longest row of the launch; with one
-    chunk the kernel keeps the whole (padded) row in registers.
-    """
+    """A program handles ``block_rows`` rows, ``tiles`` x ``rot_width`` columns at a time;
+    ``n_chunks`` chunks cover the longest row of the launch."""
 
     rot_width: int
     tiles: int
@@ -58,7 +71,7 @@ class RowTiling:
 
     @property
     def num_warps(self) -> int:
-        return 4 if self.block_rows * self.chunk_width <= 2048 else 8
+        return NUM_WARPS
 
 
 def plain_rot_width(n_cols: int) -> int:
@@ -66,31 +79,34 @@ def plain_rot_width(n_cols: int) -> int:
     return min(PLAIN_TILE_WIDTH, max(MIN_DOT, next_pow2(n_cols)))
 
 
-def plan_rows(
-    n_rows: int,
-    n_cols: int,
-    rot_width: int,
-    *,
-    uses_dot: bool,
-    interpreted: bool,
-    max_chunk: int | None = None,
-) -> RowTiling:
-    """Blocking for rows of ``n_cols`` columns cut into ``rot_width``-wide tiles.
+def plan_rows(n_rows: int, n_cols: int, rot_width: int, *, uses_dot: bool, interpreted: bool) -> RowTiling:
+    """Blocking for ``n_rows`` rows of ``n_cols`` columns cut into ``rot_width``-wide tiles.
 
-    ``max_chunk`` (default ROW_CHUNK_MAX, read at call time: tests lower it to exercise
-    the two-sweep path on small rows) caps the columns held at once.
+    Chooses the tiles per chunk (a power of two) that pad the row least, preferring wide
+    chunks, among those that keep ``block_rows * n_cols`` near ROW_BLOCK_ELEMS; the rows
+    per program fill the rest of the chunk. With a rotation the chunk is cut into
+    16-wide rows for ``tl.dot``, which needs 16 of them.
     """
-    max_chunk = max(max_chunk or ROW_CHUNK_MAX, rot_width)
-    n_tiles = triton.cdiv(n_cols, rot_width)
-    tiles = next_pow2(n_tiles)
-    if tiles * rot_width > max_chunk:
-        tiles = prev_pow2(max_chunk // rot_width)
-    n_chunks = triton.cdiv(n_tiles, tiles)
-    tile_elems = TILE_ELEMS_INTERPRETED if interpreted else TILE_ELEMS_COMPILED
-    block_rows = min(prev_pow2(max(1, tile_elems // (tiles * rot_width))), next_pow2(max(n_rows, 1)))
-    if uses_dot:  # the rotation multiplies [block_rows * tiles, rot_width] tiles
-        block_rows = max(block_rows, next_pow2(triton.cdiv(MIN_DOT, tiles)))
-    return RowTiling(rot_width, tiles, block_rows, n_chunks)
+    chunk_elems = CHUNK_ELEMS_INTERPRETED if interpreted else CHUNK_ELEMS_COMPILED
+    row_block_elems = ROW_BLOCK_ELEMS_INTERPRETED if interpreted else ROW_BLOCK_ELEMS_COMPILED
+    slots = max(1, chunk_elems // rot_width)  # tiles of one chunk, over all its rows
+    row_tiles = max(1, triton.cdiv(n_cols, rot_width))
+    max_tiles = max(1, min(slots, next_pow2(row_tiles), ROW_CHUNK_MAX // rot_width))
+    rows_wanted = min(next_pow2(max(n_rows, 1)), prev_pow2(max(1, row_block_elems // max(n_cols, 1))))
+    best = None
+    tiles = 1
+    while tiles <= max_tiles:
+        block_rows = max(1, min(slots // tiles, rows_wanted))
+        if uses_dot:  # the rotation's products are [block_rows * tiles * rot_width / 16, 16]
+            block_rows = max(block_rows, triton.cdiv(MIN_DOT * MIN_DOT, tiles * rot_width))
+        padded = triton.cdiv(row_tiles, tiles) * tiles * block_rows
+        # least padding per useful element, then fewest loop iterations
+        cost = (padded / (row_tiles * block_rows), -tiles * block_rows, -tiles)
+        if best is None or cost < best[0]:
+            best = (cost, tiles, block_rows)
+        tiles *= 2
+    _, tiles, block_rows = best
+    return RowTiling(rot_width, tiles, block_rows, triton.cdiv(row_tiles, tiles))
 
 
 def quant_rot_width(hadamard: bool, block_size: int, n_cols: int) -> int:
@@ -104,17 +120,15 @@ def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
-def exact_dot_dtype(dtype: torch.dtype, interpreted: bool):
-    """Operand dtype for rotating data stored in ``dtype``: a half type is exact in
-    itself (the +-1 matrix too, accumulation is fp32), fp32 stays fp32. The interpreter's
-    bf16 dot is wrong (SPEC 5): always fp32 there."""
-    if interpreted or dtype not in (torch.bfloat16, torch.float16):
-        return tl.float32
-    return tl_dtype(dtype)
-
-
-def level_dot_dtype(interpreted: bool):
-    """Operand dtype for rotating grid levels ``k - 0.5``: half-integers of at most 8
-    significant bits (bits <= 8) are exact in bf16, so the rotation back runs on tensor
-    cores without error."""
+def dot_dtype(interpreted: bool):
+    """Operand dtype of every rotation: bf16, where the +-1 matrix, the grid levels
+    (half-integers of at most 8 significant bits) and the parts of ``split_parts`` are
+    exact, so tensor cores multiply without error into fp32. The interpreter's bf16 dot
+    is wrong (SPEC 5): fp32 there (the parts stay exact)."""
     return tl.float32 if interpreted else tl.bfloat16
+
+
+def split_parts(data_dtype: torch.dtype) -> int:
+    """bf16 parts that hold a value stored as ``data_dtype`` exactly: fp32 needs three
+    (hi, mid, lo: 24 significant bits), fp16 two (11 bits), bf16 one."""
+    return {torch.float32: 3, torch.float16: 2, torch.bfloat16: 1}[data_dtype]

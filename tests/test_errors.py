@@ -97,7 +97,7 @@ def params():
         (dict(silence_ratio=1.0), r"silence_ratio must be in \[0, 1\)"),
         (dict(schedule="cosine"), r"schedule must be one of \('linear_ramp', 'constant'\)"),
         (dict(coupling="both"), r"coupling must be one of \('decoupled', 'coupled'\)"),
-        (dict(check_finite="yes"), "check_finite must be None, True or False"),
+        (dict(check_finite="yes"), "check_finite must be None, True, False, 'raise' or 'skip'"),
     ],
 )
 def test_optimizer_hyperparameters(kwargs, match):

@@ -9,6 +9,7 @@ lets a rotation block differ only where the tensor Q was taken of has an element
 decision boundary, bounds how often that happens, and resyncs the kernel's copy.
 """
 
+import collections
 import copy
 import io
 import os
@@ -24,7 +25,8 @@ import triton  # noqa: E402,F401  (a missing triton fails here, loudly)
 import cage_kernels.adamw_cage as adamw_cage  # noqa: E402
 from cage import CAGEAdamW, QuantConfig, naive  # noqa: E402
 from cage_kernels import tiling  # noqa: E402
-from cage_kernels.testing import MAX_FLIP_FRACTION, assert_close_except_rare, near_boundary_blocks, outliers  # noqa: E402
+from cage_kernels.launch import Launch  # noqa: E402
+from cage.testing import MAX_FLIP_FRACTION, assert_close_except_rare, near_boundary_blocks, outliers  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -240,18 +242,24 @@ def test_bf16_state_layout_is_the_torch_backends():
 
 
 def test_one_launch_per_bucket(monkeypatch):
-    # quantized tensors share a launch when their rows pad to the same chunk (64 | 96 and
-    # 128 -> 128 columns); all plain tensors share one
+    # quantized tensors share a launch when their rows plan alike (64 | 96 and 128 columns
+    # take different blockings); all plain tensors of one alignment share one
     launches = []
-    real_launch = adamw_cage._launch_bucket
+    real_call = Launch.__call__
 
-    def counting_launch(items, *args, **kw):
-        launches.append(len(items))
-        return real_launch(items, *args, **kw)
+    def counting_call(self, *args):
+        launches.append(args[0].numel() // adamw_cage.RECORD.value)  # records in the tensor table
+        return real_call(self, *args)
 
-    monkeypatch.setattr(adamw_cage, "_launch_bucket", counting_launch)
-    quantized, plain = make_params(torch.float32, 4, [(7, 64), (9, 64), (5, 128), (3, 96), (4, 96)])
+    monkeypatch.setattr(Launch, "__call__", counting_call)
+    # plain tensors whose sizes are multiples of 16 elements (odd sizes launch apart, unvectorized)
+    quantized, plain = make_params(torch.float32, 4, [(7, 64), (9, 64), (5, 128), (3, 96), (4, 96)], [(48,), (4, 4, 8)])
     opt = make_optimizer(quantized, plain, "triton", silence_ratio=0.0)
     set_grads(quantized + plain, 0)
     opt.step()
-    assert sorted(launches) == [2, 2, 3]
+    tensors_per_blocking = collections.Counter(
+        adamw_cage.step_blocking(n_cols, hadamard=True, block_size=32, interpreted=True)
+        for n_cols in (64, 64, 128, 96, 96)
+    )
+    assert len(tensors_per_blocking) >= 2  # the widths do not all plan alike
+    assert sorted(launches) == sorted([len(plain), *tensors_per_blocking.values()])

@@ -1,0 +1,48 @@
+"""A planned kernel launch: what the launchers run and what the compile gate compiles.
+
+Launchers build a :class:`Launch` and its argument tuple from shapes and dtypes (an
+argument may be a ``torch.dtype`` in place of a tensor), so ``cage_kernels.report``
+compiles exactly what a real call would launch, without allocating anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+
+def dtype_of(t) -> torch.dtype:
+    """The dtype of a tensor, or the dtype that stands in for one."""
+    return t if isinstance(t, torch.dtype) else t.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """The kernel, its grid and its compile-time parameters (``meta``, sorted pairs)."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    meta: tuple[tuple[str, Any], ...]
+    num_warps: int
+
+    @classmethod
+    def of(cls, kernel, grid, num_warps: int, **meta) -> "Launch":
+        return cls(kernel, tuple(grid), tuple(sorted(meta.items())), num_warps)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+
+    def _options(self) -> dict:
+        # No implicit FMA contraction: the kernels write tl.fma where they mean one, so a
+        # Triton upgrade (3.10 changes the default) does not change the numbers (SPEC 5).
+        return dict(self.meta, num_warps=self.num_warps, enable_fp_fusion=False)
+
+    def __call__(self, *args) -> None:
+        self.kernel[self.grid](*args, **self._options())
+
+    def warmup(self, *args):
+        """Compile for the current target without running; returns the compiled kernel."""
+        return self.kernel.warmup(*args, grid=self.grid, **self._options())
