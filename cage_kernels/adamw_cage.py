@@ -39,8 +39,16 @@ import triton.language as tl
 
 from .fake_quant import check_quantizer_args
 from .hadamard import load_rotation, load_rotation_args
-from .launch import Launch, dtype_of
-from .quant_math import chunk_offsets, quantize_chunk, row_scale, row_sum_squares, store_rounded
+from .launch import Launch
+from .quant_math import (
+    chunk_offsets,
+    compensated_add,
+    quantize_chunk,
+    row_scale,
+    row_sum_squares,
+    store_rounded,
+    sweep_sum_squares,
+)
 from .tiling import (
     CHUNK_ELEMS_COMPILED,
     CHUNK_ELEMS_INTERPRETED,
@@ -72,6 +80,18 @@ def _adamw_moments(g, m, v, beta1_weight, beta2, one_minus_beta2, LERP_SMALL_WEI
 
 
 @triton.jit
+def _update_moments(g, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, beta1_weight, beta2, one_minus_beta2,
+                    LERP_SMALL_WEIGHT: tl.constexpr):
+    """Load, update and store the moments of a chunk; returns the new ``(m, v)``."""
+    m = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=0.0)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=0.0)
+    m, v = _adamw_moments(g, m, v, beta1_weight, beta2, one_minus_beta2, LERP_SMALL_WEIGHT)
+    tl.store(exp_avg_ptr + offsets, m, mask=in_bounds)
+    tl.store(exp_avg_sq_ptr + offsets, v, mask=in_bounds)
+    return m, v
+
+
+@triton.jit
 def _adamw_param(x, m, v, decay_factor, neg_step_size, bias_correction2_sqrt, eps):
     """torch.optim.AdamW's parameter update from the new moments (no fused multiply-add:
     torch's mul_ and addcdiv_ round separately)."""
@@ -98,15 +118,12 @@ def _step_chunk(
         if SCALE_FROM_CHUNK:
             scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
         q, keep = quantize_chunk(
-            x, rot, scale, inv_sqrt_block, step_divisor, 0.0, BLOCK_ROWS, TILES, ROT_WIDTH,
-            HADAMARD, True, 0, X_SPLIT,
+            x, rot, scale, inv_sqrt_block, step_divisor, 0.0, 0.0, BLOCK_ROWS, TILES, ROT_WIDTH,
+            HADAMARD, True, False, X_SPLIT,
         )
         g = g + cage_lambda * (x - q)
-    m = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=0.0)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=0.0)
-    m, v = _adamw_moments(g, m, v, beta1_weight, beta2, one_minus_beta2, LERP_SMALL_WEIGHT)
-    tl.store(exp_avg_ptr + offsets, m, mask=in_bounds)
-    tl.store(exp_avg_sq_ptr + offsets, v, mask=in_bounds)
+    m, v = _update_moments(g, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, beta1_weight, beta2, one_minus_beta2,
+                           LERP_SMALL_WEIGHT)
     x = _adamw_param(x, m, v, decay_factor, neg_step_size, bias_correction2_sqrt, eps)
     if CAGE and not COUPLED:
         x = tl.where(in_bounds, x, 0.0)  # padding lanes must not reach the row sum or the dot
@@ -125,7 +142,7 @@ def _decoupled_correction(
 ):
     """``x - lr * lambda_t * (x - Q(x))`` (x: fp32, any value: three bf16 parts)."""
     q, keep = quantize_chunk(
-        x, rot, scale, inv_sqrt_block, step_divisor, 0.0, BLOCK_ROWS, TILES, ROT_WIDTH, HADAMARD, True, 0, 3,
+        x, rot, scale, inv_sqrt_block, step_divisor, 0.0, 0.0, BLOCK_ROWS, TILES, ROT_WIDTH, HADAMARD, True, False, 3,
     )
     return tl.fma(tl.zeros_like(x) - cage_step, x - q, x)  # sub_(x - q, alpha=lr * lambda)
 
@@ -158,7 +175,7 @@ def _adamw_cage_kernel(
     rows = first_row + tl.arange(0, BLOCK_ROWS).to(tl.int64)
     row_ok = rows < n_rows
     if CHECK_FOUND_INF:  # a non-finite gradient anywhere in the step: touch nothing
-        row_ok = row_ok & (tl.load(found_inf_ptr) == 0)
+        row_ok = row_ok & ((tl.zeros((BLOCK_ROWS,), tl.float32) + tl.load(found_inf_ptr)) == 0)
     if CAGE and HADAMARD:
         rot = load_rotation(rot_ptr, ROT_WIDTH)
     else:
@@ -176,12 +193,8 @@ def _adamw_cage_kernel(
         )
     elif COUPLED:
         # sweep 1: the row sums of squares of x before the step
-        sum_squares = tl.zeros((BLOCK_ROWS,), tl.float32)
-        for col_start in range(0, n_cols, CHUNK_WIDTH):
-            offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
-            x = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-            sum_squares += row_sum_squares(x)
-        scale = row_scale(sum_squares, n_cols, alpha, rms_eps)
+        scale = row_scale(sweep_sum_squares(param_ptr, rows, row_ok, n_cols, BLOCK_ROWS, TILES, ROT_WIDTH),
+                          n_cols, alpha, rms_eps)
         # sweep 2: the whole step, chunk by chunk, with the row scale known
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
@@ -194,17 +207,17 @@ def _adamw_cage_kernel(
     else:
         # sweep 1: the moments, and the row sums of squares of the AdamW-updated weights
         sum_squares = tl.zeros((BLOCK_ROWS,), tl.float32)
+        compensation = tl.zeros((BLOCK_ROWS,), tl.float32)
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
             x = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
             g = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-            m = tl.load(exp_avg_ptr + offsets, mask=in_bounds, other=0.0)
-            v = tl.load(exp_avg_sq_ptr + offsets, mask=in_bounds, other=0.0)
-            m, v = _adamw_moments(g, m, v, beta1_weight, beta2, one_minus_beta2, LERP_SMALL_WEIGHT)
-            tl.store(exp_avg_ptr + offsets, m, mask=in_bounds)
-            tl.store(exp_avg_sq_ptr + offsets, v, mask=in_bounds)
+            m, v = _update_moments(g, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, beta1_weight, beta2,
+                                   one_minus_beta2, LERP_SMALL_WEIGHT)
             x = _adamw_param(x, m, v, decay_factor, neg_step_size, bias_correction2_sqrt, eps)
-            sum_squares += row_sum_squares(tl.where(in_bounds, x, 0.0))
+            sum_squares, compensation = compensated_add(
+                sum_squares, compensation, row_sum_squares(tl.where(in_bounds, x, 0.0))
+            )
         scale = row_scale(sum_squares, n_cols, alpha, rms_eps)
         # sweep 2: the same updated weights again from p and the new moments, then Q
         for col_start in range(0, n_cols, CHUNK_WIDTH):
@@ -264,9 +277,9 @@ def step_blocking(n_cols: int | None, *, hadamard: bool, block_size: int, interp
     walked at run time, so every tensor of one width (and all plain ones) shares a launch."""
     if n_cols is None:  # rows of exactly one chunk
         row = plain_row_length(interpreted)
-        blocking = plan_rows(1 << 30, row, PLAIN_TILE_WIDTH, uses_dot=False, interpreted=interpreted)
+        blocking = plan_rows(row, PLAIN_TILE_WIDTH, uses_dot=False, interpreted=interpreted)
         return dataclasses.replace(blocking, n_chunks=1)
-    blocking = plan_rows(1 << 30, n_cols, quant_rot_width(hadamard, block_size, n_cols),
+    blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
                          uses_dot=hadamard, interpreted=interpreted)
     return blocking if blocking.single_chunk else dataclasses.replace(blocking, n_chunks=2)
 

@@ -28,8 +28,9 @@ from .quant_math import (
     row_scale,
     row_sum_squares,
     store_rounded,
+    sweep_sum_squares,
 )
-from .tiling import dot_dtype, is_interpreted, plan_rows, quant_rot_width, split_parts
+from .tiling import is_interpreted, plan_rows, quant_rot_width, split_parts
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASK_MODES = (MASK_NONE, MASK_CLIP, MASK_TRUST)
@@ -38,30 +39,30 @@ MASK_MODES = (MASK_NONE, MASK_CLIP, MASK_TRUST)
 @triton.jit
 def _quantize_store_chunk(
     x, offsets, in_bounds, col_start, rows, row_ok, scale, rot, q_ptr, mask_ptr, row_bytes,
-    inv_sqrt_block, step_divisor, mask_radius,
+    inv_sqrt_block, step_divisor, mask_center, mask_radius,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
-    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, MASK_MODE: tl.constexpr, X_SPLIT: tl.constexpr,
+    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, STORE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
 ):
     q, keep = quantize_chunk(
-        x, rot, scale, inv_sqrt_block, step_divisor, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-        HADAMARD, ROTATE_BACK, MASK_MODE, X_SPLIT,
+        x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
+        HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT,
     )
     store_rounded(q_ptr + offsets, q, in_bounds)
-    if MASK_MODE != 0:
+    if STORE_MASK:
         packed = pack_mask_bits(keep, in_bounds, BLOCK_ROWS, TILES * ROT_WIDTH)
         byte_cols = col_start // 8 + tl.arange(0, TILES * ROT_WIDTH // 8)
         byte_offsets = rows[:, None] * row_bytes + byte_cols[None, :]
         tl.store(mask_ptr + byte_offsets, packed, mask=row_ok[:, None] & (byte_cols < row_bytes)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # any row count: one kernel
 def _fake_quant_fwd_kernel(
     x_ptr, q_ptr, mask_ptr, rot_ptr,
     n_rows, n_cols, row_bytes,
-    alpha, step_divisor, inv_sqrt_block, mask_radius, rms_eps,
+    alpha, step_divisor, inv_sqrt_block, mask_center, mask_radius, rms_eps,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, HADAMARD: tl.constexpr,
-    ROTATE_BACK: tl.constexpr, MASK_MODE: tl.constexpr, X_SPLIT: tl.constexpr,
+    ROTATE_BACK: tl.constexpr, STORE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
     row_ok = rows < n_rows
@@ -77,24 +78,20 @@ def _fake_quant_fwd_kernel(
         scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
         _quantize_store_chunk(
             x, offsets, in_bounds, 0, rows, row_ok, scale, rot, q_ptr, mask_ptr, row_bytes,
-            inv_sqrt_block, step_divisor, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-            HADAMARD, ROTATE_BACK, MASK_MODE, X_SPLIT,
+            inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
+            HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT,
         )
     else:
         # sweep 1: the rows' sums of squares; sweep 2 re-reads the row block from L2
-        sum_squares = tl.zeros((BLOCK_ROWS,), tl.float32)
-        for col_start in range(0, n_cols, CHUNK_WIDTH):
-            offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
-            x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-            sum_squares += row_sum_squares(x)
-        scale = row_scale(sum_squares, n_cols, alpha, rms_eps)
+        scale = row_scale(sweep_sum_squares(x_ptr, rows, row_ok, n_cols, BLOCK_ROWS, TILES, ROT_WIDTH),
+                          n_cols, alpha, rms_eps)
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
             x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
             _quantize_store_chunk(
                 x, offsets, in_bounds, col_start, rows, row_ok, scale, rot, q_ptr, mask_ptr, row_bytes,
-                inv_sqrt_block, step_divisor, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-                HADAMARD, ROTATE_BACK, MASK_MODE, X_SPLIT,
+                inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
+                HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT,
             )
 
 
@@ -170,16 +167,17 @@ def forward_launch(x, q, mask, rot, n_rows, n_cols, *, levels, alpha, hadamard, 
     """``(Launch, args)`` of the forward kernel; the tensors may be dtypes (compile gate)."""
     if interpreted is None:
         interpreted = is_interpreted(_fake_quant_fwd_kernel)
-    blocking = plan_rows(n_rows, n_cols, quant_rot_width(hadamard, block_size, n_cols),
+    blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
                          uses_dot=hadamard, interpreted=interpreted)
     launch = Launch.of(
         _fake_quant_fwd_kernel, (triton.cdiv(n_rows, blocking.block_rows),), blocking.num_warps,
         BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
         SINGLE_CHUNK=blocking.single_chunk, HADAMARD=hadamard, ROTATE_BACK=rotate_back,
-        MASK_MODE=mask_mode, X_SPLIT=split_parts(dtype_of(x)),
+        STORE_MASK=mask_mode != MASK_NONE, X_SPLIT=split_parts(dtype_of(x)),
     )
     args = (x, q, mask, rot, n_rows, n_cols, mask_bytes_per_row(n_cols),
-            alpha, float(levels - 1), 1.0 / block_size**0.5 if hadamard else 1.0, mask_radius, rms_eps)
+            alpha, float(levels - 1), 1.0 / block_size**0.5 if hadamard else 1.0,
+            1.0 if mask_mode == MASK_TRUST else 0.0, mask_radius, rms_eps)
     return launch, args
 
 

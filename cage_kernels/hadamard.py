@@ -66,8 +66,9 @@ def rotation_tile(block_size: int, device: torch.device, dtype: torch.dtype = to
 
 
 def load_rotation_args(hadamard: bool, block_size: int, device, dummy: torch.Tensor, interpreted: bool):
-    """``(sign tiles or a dummy pointer, 1/sqrt(B))`` for a kernel launch; the tiles are
-    bf16 for compiled kernels and fp32 for the interpreter (``tiling.dot_dtype``)."""
+    """``(sign tiles or a dummy pointer, 1/sqrt(B))`` for a kernel launch. The tiles are
+    the dot operands' dtype: bf16 compiled; fp32 under the interpreter, whose bf16 dot
+    is wrong (SPEC 5) and whose fp32 dot of bf16-exact parts is exact as well."""
     if not hadamard:
         return dummy, 1.0
     dtype = torch.float32 if interpreted else torch.bfloat16

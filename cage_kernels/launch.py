@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+MAX_REGISTERS = 255
+
 
 def dtype_of(t) -> torch.dtype:
     """The dtype of a tensor, or the dtype that stands in for one."""
@@ -38,7 +40,10 @@ class Launch:
     def _options(self) -> dict:
         # No implicit FMA contraction: the kernels write tl.fma where they mean one, so a
         # Triton upgrade (3.10 changes the default) does not change the numbers (SPEC 5).
-        return dict(self.meta, num_warps=self.num_warps, enable_fp_fusion=False)
+        # An explicit register cap: left to itself, ptxas sometimes aims at an occupancy
+        # (64, 96, 128 or 168 registers) and spills a few words to reach it; 255 at 4 warps
+        # still leaves 2 CTAs per SM, and the compile gate holds every kernel to that.
+        return dict(self.meta, num_warps=self.num_warps, enable_fp_fusion=False, maxnreg=MAX_REGISTERS)
 
     def __call__(self, *args) -> None:
         self.kernel[self.grid](*args, **self._options())

@@ -19,7 +19,7 @@ from .quant_math import chunk_offsets, load_mask_bits, store_rounded
 from .tiling import is_interpreted, plan_rows, quant_rot_width, split_parts
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # any row count: one kernel
 def _fake_quant_bwd_kernel(
     grad_ptr, mask_ptr, out_ptr, rot_ptr,
     n_rows, n_cols, row_bytes, inv_sqrt_block,
@@ -50,7 +50,7 @@ def backward_launch(grad, mask, out, rot, n_rows, n_cols, *, hadamard, block_siz
     """``(Launch, args)`` of the backward kernel; the tensors may be dtypes (compile gate)."""
     if interpreted is None:
         interpreted = is_interpreted(_fake_quant_bwd_kernel)
-    blocking = plan_rows(n_rows, n_cols, quant_rot_width(hadamard, block_size, n_cols),
+    blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
                          uses_dot=hadamard, interpreted=interpreted)
     launch = Launch.of(
         _fake_quant_bwd_kernel, (triton.cdiv(n_rows, blocking.block_rows), blocking.n_chunks), blocking.num_warps,

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .hadamard import rotate_tiles
 
-# Grad-mask modes as the kernels see them. The 1-bit "trust" mask is a widened clip.
+# Grad-mask modes of the launchers' API. The 1-bit "trust" mask is a widened clip.
 MASK_NONE = 0
 MASK_CLIP = 1  # |x_h| <= radius * s
 MASK_TRUST = 2  # |q_h - x_h| <= s * radius
@@ -52,6 +52,29 @@ def row_sum_squares(chunk):
 
 
 @triton.jit
+def compensated_add(total, compensation, value):
+    """Kahan summation step: ``(total, compensation)`` after adding ``value``. A row's sum
+    of squares over many chunks stays as accurate as one tree sum (a plain running sum
+    loses ~1e-6 relative over a 28672-column row, which moves the scale and so Q)."""
+    y = value - compensation
+    t = total + y
+    return t, (t - total) - y
+
+
+@triton.jit
+def sweep_sum_squares(ptr, rows, row_ok, n_cols, BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr,
+                      ROT_WIDTH: tl.constexpr):
+    """The rows' sums of squares of a tensor, read chunk by chunk (a first sweep)."""
+    total = tl.zeros((BLOCK_ROWS,), tl.float32)
+    compensation = tl.zeros((BLOCK_ROWS,), tl.float32)
+    for col_start in range(0, n_cols, TILES * ROT_WIDTH):
+        offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
+        x = tl.load(ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        total, compensation = compensated_add(total, compensation, row_sum_squares(x))
+    return total
+
+
+@triton.jit
 def row_scale(sum_squares, n_cols, alpha, rms_eps):
     """``s = alpha * sqrt(mean(x**2) + eps)``: the rotation is orthonormal, so the
     mean square of the unrotated row is that of the rotated one (SPEC 1 step 2)."""
@@ -61,15 +84,16 @@ def row_scale(sum_squares, n_cols, alpha, rms_eps):
 
 @triton.jit
 def quantize_chunk(
-    x, rot, scale, inv_sqrt_block, step_divisor, mask_radius,
+    x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
-    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, MASK_MODE: tl.constexpr, X_SPLIT: tl.constexpr,
+    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, COMPUTE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
 ):
     """QuEST fake quantization of a chunk of whole rotation blocks (SPEC 1 steps 1, 3, 4).
 
     x: fp32 ``[BLOCK_ROWS, TILES, ROT_WIDTH]``; scale: fp32 ``[BLOCK_ROWS]``, the row's s;
     ``step_divisor`` is ``levels - 1`` (a run-time value: one compiled kernel serves every
-    bit width); ``X_SPLIT`` the bf16 parts x is exact in (``hadamard.rotate_tiles``).
+    bit width); ``X_SPLIT`` the bf16 parts x is exact in (``hadamard.rotate_tiles``);
+    ``mask_center`` 0 (clip mask) or 1 (trust mask), ``mask_radius`` in units of s.
     Returns ``(q, keep)``: q fp32, ``Q(x)`` in the input space (or the rotated ``q(x_h)``
     when not ROTATE_BACK); keep the straight-through mask in the rotated domain
     (meaningless for MASK_NONE).
@@ -83,10 +107,10 @@ def quantize_chunk(
     clipped = tl.minimum(tl.maximum(x_h, -s), s)
     # grid level k - 0.5, a half-integer in [-(levels-1)/2, (levels-1)/2]
     level = round_half_even(tl.div_rn(clipped, step) + 0.5) - 0.5
-    if MASK_MODE == 1:
-        keep = tl.abs(x_h) <= mask_radius * s
-    elif MASK_MODE == 2:
-        keep = tl.abs(level * step - x_h) <= s * mask_radius
+    if COMPUTE_MASK:
+        # clip (center 0): |x_h| <= radius * s; trust (center 1): |q_h - x_h| <= radius * s.
+        # Run-time values: one compiled kernel serves both masks.
+        keep = tl.abs(mask_center * (level * step) - x_h) <= mask_radius * s
     else:
         keep = x_h == x_h
     if HADAMARD and ROTATE_BACK:

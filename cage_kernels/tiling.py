@@ -79,34 +79,39 @@ def plain_rot_width(n_cols: int) -> int:
     return min(PLAIN_TILE_WIDTH, max(MIN_DOT, next_pow2(n_cols)))
 
 
-def plan_rows(n_rows: int, n_cols: int, rot_width: int, *, uses_dot: bool, interpreted: bool) -> RowTiling:
-    """Blocking for ``n_rows`` rows of ``n_cols`` columns cut into ``rot_width``-wide tiles.
+def plan_rows(n_cols: int, rot_width: int, *, uses_dot: bool, interpreted: bool) -> RowTiling:
+    """Blocking for rows of ``n_cols`` columns cut into ``rot_width``-wide tiles.
 
-    Chooses the tiles per chunk (a power of two) that pad the row least, preferring wide
-    chunks, among those that keep ``block_rows * n_cols`` near ROW_BLOCK_ELEMS; the rows
-    per program fill the rest of the chunk. With a rotation the chunk is cut into
-    16-wide rows for ``tl.dot``, which needs 16 of them.
+    A row that fits one chunk (padded to a power of two of tiles) is held whole and read
+    once; padding costs lanes, not memory traffic. A longer row is walked in full chunks:
+    ``block_rows`` as large as ROW_BLOCK_ELEMS allows, and the tiles per chunk (a power of
+    two) that fill the chunk and pad the row least. The row count does not enter: a
+    tensor of few rows masks the rest of its block, and every tensor of one width shares
+    one compiled kernel.
     """
     chunk_elems = CHUNK_ELEMS_INTERPRETED if interpreted else CHUNK_ELEMS_COMPILED
     row_block_elems = ROW_BLOCK_ELEMS_INTERPRETED if interpreted else ROW_BLOCK_ELEMS_COMPILED
     slots = max(1, chunk_elems // rot_width)  # tiles of one chunk, over all its rows
     row_tiles = max(1, triton.cdiv(n_cols, rot_width))
     max_tiles = max(1, min(slots, next_pow2(row_tiles), ROW_CHUNK_MAX // rot_width))
-    rows_wanted = min(next_pow2(max(n_rows, 1)), prev_pow2(max(1, row_block_elems // max(n_cols, 1))))
-    best = None
-    tiles = 1
-    while tiles <= max_tiles:
+    rows_wanted = prev_pow2(max(1, row_block_elems // max(n_cols, 1)))
+
+    def rows_for(tiles: int) -> int:
         block_rows = max(1, min(slots // tiles, rows_wanted))
-        if uses_dot:  # the rotation's products are [block_rows * tiles * rot_width / 16, 16]
+        if uses_dot:  # the rotation multiplies [block_rows * tiles * rot_width / 16, 16] by 16 x 16
             block_rows = max(block_rows, triton.cdiv(MIN_DOT * MIN_DOT, tiles * rot_width))
-        padded = triton.cdiv(row_tiles, tiles) * tiles * block_rows
-        # least padding per useful element, then fewest loop iterations
-        cost = (padded / (row_tiles * block_rows), -tiles * block_rows, -tiles)
-        if best is None or cost < best[0]:
-            best = (cost, tiles, block_rows)
+        return block_rows
+
+    if next_pow2(row_tiles) <= max_tiles:
+        tiles = next_pow2(row_tiles)
+        return RowTiling(rot_width, tiles, rows_for(tiles), 1)
+    candidates = []
+    tiles = min(max_tiles, max(1, slots // rows_wanted))
+    while tiles <= max_tiles:
+        candidates.append(((triton.cdiv(row_tiles, tiles) * tiles, -rows_for(tiles)), tiles))
         tiles *= 2
-    _, tiles, block_rows = best
-    return RowTiling(rot_width, tiles, block_rows, triton.cdiv(row_tiles, tiles))
+    tiles = min(candidates)[1]
+    return RowTiling(rot_width, tiles, rows_for(tiles), triton.cdiv(row_tiles, tiles))
 
 
 def quant_rot_width(hadamard: bool, block_size: int, n_cols: int) -> int:
@@ -118,14 +123,6 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
-
-
-def dot_dtype(interpreted: bool):
-    """Operand dtype of every rotation: bf16, where the +-1 matrix, the grid levels
-    (half-integers of at most 8 significant bits) and the parts of ``split_parts`` are
-    exact, so tensor cores multiply without error into fp32. The interpreter's bf16 dot
-    is wrong (SPEC 5): fp32 there (the parts stay exact)."""
-    return tl.float32 if interpreted else tl.bfloat16
 
 
 def split_parts(data_dtype: torch.dtype) -> int:

@@ -136,3 +136,13 @@ def test_torch_compile_traces_the_custom_ops():
     _, (grad_compiled,) = _grads(compiled, x)
     _, (grad_eager,) = _grads(loss, x)
     assert torch.equal(grad_compiled, grad_eager)
+
+
+@pytest.mark.parametrize("n_cols", [11008, 14336])
+@pytest.mark.parametrize("grad_is_rotated", [False, True])
+def test_backward_llama_mlp_row_lengths(n_cols, grad_is_rotated):
+    config = QuantConfig(4)
+    x = randn((2, n_cols), torch.float32, seed=n_cols)
+    _, mask_state = kernel_ops.quantize(x, config, not grad_is_rotated)
+    assert_grad_matches(randn((2, n_cols), torch.bfloat16, seed=n_cols + 1).float(), mask_state, config, grad_is_rotated)
+    assert_grad_matches(randn((2, n_cols), torch.bfloat16, seed=n_cols + 2), mask_state, config, grad_is_rotated)

@@ -211,3 +211,13 @@ def test_import_without_triton_is_a_clear_error():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert "ImportError: cage_kernels needs the triton package" in out.stdout
+
+
+@pytest.mark.parametrize("n_cols", [11008, 14336])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_llama_mlp_row_lengths(n_cols, dtype):
+    # Llama-7B / Llama-3-8B MLP widths (86 and 112 blocks of 128): rows much longer than a chunk
+    x = make_input((3, n_cols), dtype, seeded(f"llama{n_cols}{dtype}"))
+    for config, rotate_back in ((QuantConfig(4), True), (QuantConfig(3, grad_mask="clip"), False),
+                                (QuantConfig(2, hadamard=False), True)):
+        run_and_check(x, config, rotate_back)
