@@ -229,15 +229,20 @@ class CAGEAdamW(Optimizer):
     def _found_inf(self) -> torch.Tensor | None:
         """A one-element fp32 device flag, 1.0 when any gradient checked in "skip" mode
         is non-finite (computed on the device: no host sync), or None when none is."""
-        grads = [local_tensor(p.grad) for g in self.param_groups for p in g["params"]
-                 if p.grad is not None and self._check_mode(p.grad.device) == "skip"]
-        if not grads:
+        checked = [p.grad for g in self.param_groups for p in g["params"]
+                   if p.grad is not None and self._check_mode(local_tensor(p.grad).device) == "skip"]
+        if not checked:
             return None
+        grads = [local_tensor(g) for g in checked]
         # one multi-tensor pass: an L1 norm is NaN or Inf exactly when an element is
         # (barring a finite sum above 3e38), and fp32 accumulation keeps fp16 sums finite
         norms = torch._foreach_norm(grads, 1, dtype=torch.float32)
         device = grads[0].device
         flag = (~torch.isfinite(torch.stack([n.to(device) for n in norms])).all()).to(torch.float32).reshape(1)
+        dtensor = _dtensor_type()
+        if dtensor is not None and any(isinstance(g, dtensor) for g in checked) and torch.distributed.is_initialized():
+            # each process sees only its shards: all of them skip, or none (queued, no sync)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if self._skipped_steps is None or self._skipped_steps.device != device:
             self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self._skipped_steps += flag[0].to(torch.int64)

@@ -69,6 +69,39 @@ def test_fsdp2_sharded_step_equals_single_process(tmp_path):
         torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def nonfinite_worker(rank, world_size, port, out_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = make_model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+        opt = CAGEAdamW(qat_param_groups(model, 0.1), check_finite="skip", **OPT_KW)
+        run_steps(model, opt)
+        before = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        opt.zero_grad()
+        model(torch.randn(8, 64, generator=torch.Generator().manual_seed(8))).pow(2).mean().backward()
+        if rank == 1:  # only this process's shard of one gradient is poisoned
+            model[0].weight.grad.to_local().view(-1)[0] = float("nan")
+        opt.step()
+        after = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        unchanged = all(torch.equal(before[k], after[k]) for k in before)
+        with open(f"{out_path}.{rank}", "w") as f:
+            f.write(f"{unchanged} {int(opt.skipped_steps)}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_nonfinite_shard_skips_the_step_on_every_process(tmp_path):
+    out = tmp_path / "skip"
+    mp.spawn(nonfinite_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    assert [(tmp_path / f"skip.{rank}").read_text() for rank in range(2)] == ["True 1", "True 1"]
+
+
 def row_split_worker(rank, world_size, port, out_path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
