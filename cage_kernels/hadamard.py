@@ -85,10 +85,13 @@ def load_rotation(rot_ptr, ROT_WIDTH: tl.constexpr):
 
 @triton.jit
 def _dot_signs(part, signs, acc):
-    """``acc + part @ signs`` in fp32; ``part`` holds bf16-exact values."""
-    if signs.dtype == tl.float32:  # the interpreter: IEEE fp32 (its result is then exact too)
-        return tl.dot(part, signs, acc, input_precision="ieee", out_dtype=tl.float32)
-    return tl.dot(part.to(signs.dtype), signs, acc, out_dtype=tl.float32)
+    """``acc + part @ signs`` in fp32, ``part`` rounded to bf16 (a no-op where it is
+    bf16-exact, as it must be). The interpreter multiplies the rounded part in IEEE fp32:
+    the same products, so its tests see what a lossy part would cost compiled."""
+    part = part.to(tl.bfloat16)
+    if signs.dtype == tl.float32:
+        return tl.dot(part.to(tl.float32), signs, acc, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(part, signs, acc, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -107,7 +110,7 @@ def _times_signs(flat, signs, SPLIT: tl.constexpr):
             mid = rest.to(tl.bfloat16).to(tl.float32)
             out = _dot_signs(mid, signs, out)
             rest = rest - mid
-        out = _dot_signs(rest.to(tl.bfloat16).to(tl.float32), signs, out)
+        out = _dot_signs(rest, signs, out)
     return out
 
 
