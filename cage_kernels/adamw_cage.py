@@ -306,7 +306,7 @@ def step_launch(tensor_table, tile_table, rot, found_inf, n_tiles, blocking: Row
     bias_correction2 = 1 - beta2**step
     beta1_weight = 1 - beta1
     launch = Launch.of(
-        _adamw_cage_kernel, (n_tiles,), blocking.num_warps,
+        _adamw_cage_kernel, (n_tiles,), blocking,
         PARAM_DTYPE=tl_dtype(param_dtype), GRAD_DTYPE=tl_dtype(grad_dtype),
         BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
         SINGLE_CHUNK=blocking.single_chunk, LERP_SMALL_WEIGHT=abs(beta1_weight) < 0.5,

@@ -170,7 +170,7 @@ def forward_launch(x, q, mask, rot, n_rows, n_cols, *, levels, alpha, hadamard, 
     blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
                          uses_dot=hadamard, interpreted=interpreted)
     launch = Launch.of(
-        _fake_quant_fwd_kernel, (triton.cdiv(n_rows, blocking.block_rows),), blocking.num_warps,
+        _fake_quant_fwd_kernel, (triton.cdiv(n_rows, blocking.block_rows),), blocking,
         BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
         SINGLE_CHUNK=blocking.single_chunk, HADAMARD=hadamard, ROTATE_BACK=rotate_back,
         STORE_MASK=mask_mode != MASK_NONE, X_SPLIT=split_parts(dtype_of(x)),

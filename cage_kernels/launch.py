@@ -28,10 +28,12 @@ class Launch:
     grid: tuple[int, ...]
     meta: tuple[tuple[str, Any], ...]
     num_warps: int
+    num_stages: int
 
     @classmethod
-    def of(cls, kernel, grid, num_warps: int, **meta) -> "Launch":
-        return cls(kernel, tuple(grid), tuple(sorted(meta.items())), num_warps)
+    def of(cls, kernel, grid, blocking, **meta) -> "Launch":
+        """The launch of ``kernel`` over ``grid`` with ``blocking``'s warps and stages."""
+        return cls(kernel, tuple(grid), tuple(sorted(meta.items())), blocking.num_warps, blocking.num_stages)
 
     @property
     def name(self) -> str:
@@ -43,7 +45,8 @@ class Launch:
         # An explicit register cap: left to itself, ptxas sometimes aims at an occupancy
         # (64, 96, 128 or 168 registers) and spills a few words to reach it; 255 at 4 warps
         # still leaves 2 CTAs per SM, and the compile gate holds every kernel to that.
-        return dict(self.meta, num_warps=self.num_warps, enable_fp_fusion=False, maxnreg=MAX_REGISTERS)
+        return dict(self.meta, num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=False,
+                    maxnreg=MAX_REGISTERS)
 
     def __call__(self, *args) -> None:
         self.kernel[self.grid](*args, **self._options())

@@ -53,7 +53,7 @@ def backward_launch(grad, mask, out, rot, n_rows, n_cols, *, hadamard, block_siz
     blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
                          uses_dot=hadamard, interpreted=interpreted)
     launch = Launch.of(
-        _fake_quant_bwd_kernel, (triton.cdiv(n_rows, blocking.block_rows), blocking.n_chunks), blocking.num_warps,
+        _fake_quant_bwd_kernel, (triton.cdiv(n_rows, blocking.block_rows), blocking.n_chunks), blocking,
         BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
         ROTATE_IN=hadamard and not grad_is_rotated, ROTATE_OUT=hadamard, APPLY_MASK=apply_mask,
         GRAD_SPLIT=split_parts(dtype_of(grad)),

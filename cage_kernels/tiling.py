@@ -33,9 +33,14 @@ ROW_BLOCK_ELEMS_INTERPRETED = 1 << 20
 ROW_CHUNK_MAX = 1 << 16
 # Columns of a tile when nothing is rotated (rows of any length, masked at the end).
 PLAIN_TILE_WIDTH = 128
-# Streaming kernels run 4 warps: with the registers a chunk needs, that leaves several
-# resident CTAs per SM (the compile gate checks at least 2).
-NUM_WARPS = 4
+# Warps of a program. A chunk read once (no loop) runs 4 warps: several CTAs fit per SM.
+# A row walked chunk by chunk runs 8 warps without software pipelining: Triton's default
+# (3 stages through shared memory) took 230-253 registers on Triton 3.7 at 4 warps (2 CTAs,
+# 8 warps per SM); 8 warps, 1 stage take ~100-130 (2 CTAs, 16 warps per SM, as many loads
+# in flight). The compile gate checks every kernel keeps at least 2 CTAs per SM.
+NUM_WARPS_SINGLE_CHUNK = 4
+NUM_WARPS_SWEEPS = 8
+NUM_STAGES = 1
 
 
 def is_interpreted(kernel) -> bool:
@@ -71,7 +76,11 @@ class RowTiling:
 
     @property
     def num_warps(self) -> int:
-        return NUM_WARPS
+        return NUM_WARPS_SINGLE_CHUNK if self.single_chunk else NUM_WARPS_SWEEPS
+
+    @property
+    def num_stages(self) -> int:
+        return NUM_STAGES
 
 
 def plain_rot_width(n_cols: int) -> int:
