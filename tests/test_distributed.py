@@ -1,7 +1,10 @@
 """CAGEAdamW on FSDP2-sharded parameters (two CPU processes over gloo)."""
 
+import contextlib
+import functools
 import os
 import socket
+import sys
 
 import torch
 import torch.multiprocessing as mp
@@ -35,7 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fsdp_worker(rank, world_size, port, out_path):
+@contextlib.contextmanager
+def sharded_model(rank, world_size, port):
+    """A gloo process group and the model, FSDP2-sharded over it."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -46,14 +51,36 @@ def fsdp_worker(rank, world_size, port, out_path):
     try:
         model = make_model()
         fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+        yield model
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def exits_at_once(worker):
+    """Run a spawned worker, then leave without the interpreter's teardown: gloo's threads
+    sometimes abort it ("terminate called without an active exception", about one run in
+    four on a 2-core machine), which fails a run whose work was done."""
+
+    @functools.wraps(worker)
+    def run(*args):
+        worker(*args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    return run
+
+
+@exits_at_once
+def fsdp_worker(rank, world_size, port, out_path):
+    with sharded_model(rank, world_size, port) as model:
         assert model[0].weight.placements[0].is_shard(0)
         opt = CAGEAdamW(qat_param_groups(model, 0.1), **OPT_KW)
         run_steps(model, opt)
         full = {k: v.full_tensor() for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save(full, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_sharded_step_equals_single_process(tmp_path):
@@ -69,17 +96,9 @@ def test_fsdp2_sharded_step_equals_single_process(tmp_path):
         torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@exits_at_once
 def nonfinite_worker(rank, world_size, port, out_path):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        model = make_model()
-        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    with sharded_model(rank, world_size, port) as model:
         opt = CAGEAdamW(qat_param_groups(model, 0.1), check_finite="skip", **OPT_KW)
         run_steps(model, opt)
         before = {k: v.full_tensor() for k, v in model.state_dict().items()}
@@ -92,8 +111,6 @@ def nonfinite_worker(rank, world_size, port, out_path):
         unchanged = all(torch.equal(before[k], after[k]) for k in before)
         with open(f"{out_path}.{rank}", "w") as f:
             f.write(f"{unchanged} {int(opt.skipped_steps)}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_nonfinite_shard_skips_the_step_on_every_process(tmp_path):
@@ -102,6 +119,7 @@ def test_fsdp2_nonfinite_shard_skips_the_step_on_every_process(tmp_path):
     assert [(tmp_path / f"skip.{rank}").read_text() for rank in range(2)] == ["True 1", "True 1"]
 
 
+@exits_at_once
 def row_split_worker(rank, world_size, port, out_path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
