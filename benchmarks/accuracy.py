@@ -4,7 +4,7 @@
     python benchmarks/accuracy.py --preset cpu --report-only
     python benchmarks/accuracy.py --preset 30M            # GPU preset (paper's 30M shape)
 
-Results go to benchmarks/results/accuracy-<preset>.{json,md,png}; see cage/sweep.py.
+Results go to benchmarks/results/accuracy-<preset>.{json,md,png}; see cage/llama/sweep/.
 """
 
 import sys
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cage.cli import main  # noqa: E402
+from cage.llama.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -4,7 +4,7 @@
     TRITON_INTERPRET=1 python -m benchmarks.bench_train_step --preset tiny --device cpu   # smoke run
 
 Rows (same model shape, same seed, same batch; bf16 autocast on CUDA, fp32 on CPU as in
-``cage.train``; gradient clipping at 1.0 in every row):
+``cage.llama.job``; gradient clipping at 1.0 in every row):
 
 - ``bf16``: no quantization, ``torch.optim.AdamW(fused=True)``;
 - ``quest-eager``: W4A4 QuEST (Hadamard 128, trust mask) with the torch reference quantizer,
@@ -33,13 +33,13 @@ CAGE_LAMBDA = 10.0
 
 
 def _model_presets():
-    from cage.model import PRESETS as MODEL_PRESETS
+    from cage.llama.model import PRESETS as MODEL_PRESETS
 
     return ["tiny"] + [p for p in MODEL_PRESETS if p[0].isdigit()]
 
 
 def build_config(preset: str, vocab: int | None, seq: int):
-    from cage.model import config_from_preset
+    from cage.llama.model import config_from_preset
 
     if preset == "tiny":  # one layer: every Triton call costs ~0.1 s under the interpreter
         return config_from_preset("tiny", n_layers=1, vocab_size=vocab or 256, max_seq_len=seq)
@@ -56,7 +56,7 @@ def quant_block(cfg) -> int:
 def build(method: str, mcfg, device):
     """``(model, optimizer)`` for one row, from the same seed."""
     from cage import CAGEAdamW, QuantConfig, prepare_qat, qat_param_groups
-    from cage.model import Llama
+    from cage.llama.model import Llama
 
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: a 1B model on the host is slow
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
         try:
             model, opt = build(method, mcfg, device)
             if n_params is None:
-                from cage.model import count_params
+                from cage.llama.model import count_params
 
                 n_params = count_params(model)
             step = make_step(model, opt, idx, targets, device, args.clip)

@@ -64,11 +64,11 @@ class LlamaShapes:
 
 
 def _from_cage_preset(name: str, vocab_size: int = 32000) -> LlamaShapes:
-    from cage.model import config_from_preset
+    from cage.llama.model import config_from_preset
 
     cfg = config_from_preset(name)
     return LlamaShapes(cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.ffn_dim, vocab_size,
-                       note=f"cage.model preset {name} (SPEC 3 size), vocab {vocab_size}")
+                       note=f"cage.llama.model preset {name} (SPEC 3 size), vocab {vocab_size}")
 
 
 # "1B" is TinyLlama-1.1B's published shape (Llama 2 architecture, grouped-query attention with
@@ -79,7 +79,7 @@ PRESETS: dict[str, LlamaShapes] = {
     "1B": LlamaShapes(2048, 22, 32, 4, 5632, 32000, note="TinyLlama-1.1B shapes"),
 }
 for _name in ("100M", "200M", "430M", "800M"):
-    PRESETS[_name] = None  # filled lazily from cage.model (imports stay cheap)
+    PRESETS[_name] = None  # filled lazily from cage.llama.model (imports stay cheap)
 
 
 def shapes_for(preset: str) -> LlamaShapes:

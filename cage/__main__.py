@@ -1,7 +1,7 @@
-"""``python -m cage <subcommand>``: see cage/cli.py."""
+"""``python -m cage <subcommand>``: see cage/llama/cli.py."""
 
 import sys
 
-from .cli import main
+from .llama.cli import main
 
 sys.exit(main())

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cage import data
-from cage.data import TextData, decode, encode, load_corpus, split_tokens
+from cage.llama import data
+from cage.llama.data import TextData, decode, encode, load_corpus, split_tokens
 
 
 def test_tokenizer_round_trip():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cage
-from cage.model import (
+from cage.llama.model import (
     PRESETS,
     LlamaConfig,
     Llama,

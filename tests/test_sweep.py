@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from cage import cli
-from cage import sweep
-from cage.sweep import Cell, aggregate, paired, plan_cells, recovered_fraction, summarize
+from cage.llama import cli
+from cage.llama import sweep
+from cage.llama.sweep import Cell, aggregate, paired, plan_cells, recovered_fraction, summarize
 
 # ---------------------------------------------------------------- miniature end to end
 
@@ -190,8 +190,8 @@ def test_cpu_preset_plan():
 def test_gpu_preset_is_the_paper_30M_shape_and_steps(tmp_path, small_text):
     import torch
 
-    from cage.model import Llama, count_params
-    from cage.train import TrainConfig, train
+    from cage.llama.model import Llama, count_params
+    from cage.llama.job import TrainConfig, train
 
     p = _preset("30M")
     d = sweep.train_config_dict(p, Cell("cage", 4, 0), tmp_path, "corpus.txt")

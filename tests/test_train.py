@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import cage
-from cage import cli
-from cage import train as train_mod
-from cage.train import TrainConfig, lr_at, train
+from cage.llama import cli
+from cage.llama.job import build as build_mod
+from cage.llama.job import loop as loop_mod
+from cage.llama.job import machine as machine_mod
+from cage.llama.job import TrainConfig, lr_at, train
 
 # A run small enough for CI on two cores: ~0.2M parameters, 64-byte windows, one thread (a
 # model this small gains nothing from two, and loses a lot when other processes share the CPU).
@@ -112,7 +114,7 @@ def test_resume_with_different_settings_is_an_error(tmp_path):
 
 
 def test_nan_gradient_raises_a_clear_error(monkeypatch):
-    real_build = train_mod.build_model
+    real_build = build_mod.build_model
 
     def poisoned(cfg, device):
         model, wq, aq = real_build(cfg, device)
@@ -120,7 +122,7 @@ def test_nan_gradient_raises_a_clear_error(monkeypatch):
             model.lm_head.weight[7, 3] = float("nan")
         return model, wq, aq
 
-    monkeypatch.setattr(train_mod, "build_model", poisoned)
+    monkeypatch.setattr(loop_mod, "build_model", poisoned)
     with pytest.raises(FloatingPointError, match=r"step 1: the gradient norm is NaN or Inf.*not taken"):
         train(TrainConfig(method="bf16", steps=3, **SMALL))
 
@@ -136,7 +138,7 @@ def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
 def test_methods_map_to_the_specified_quantizers():
     def build(**kw):
         cfg = TrainConfig(**{**SMALL, **kw})
-        model, wq, aq = train_mod.build_model(cfg, torch.device("cpu"))
+        model, wq, aq = build_mod.build_model(cfg, torch.device("cpu"))
         return cfg, model, wq, aq
 
     cfg, model, wq, aq = build(method="bf16")
@@ -149,9 +151,9 @@ def test_methods_map_to_the_specified_quantizers():
     cfg, model, wq, aq = build(method="cage", w_bits=4, a_bits=16, cage_lambda=15.0)
     assert wq == cage.QuantConfig(4, block_size=64) and aq is None and cfg.optimizer_lambda == 15.0
     assert type(model.lm_head) is torch.nn.Linear  # the head stays high precision
-    assert train_mod.fit_block_size(128, (128, 384)) == 128
-    assert train_mod.fit_block_size(128, (64, 192)) == 64
-    assert train_mod.fit_block_size(100, (96,)) == 32
+    assert build_mod.fit_block_size(128, (128, 384)) == 128
+    assert build_mod.fit_block_size(128, (64, 192)) == 64
+    assert build_mod.fit_block_size(100, (96,)) == 32
     with pytest.raises(ValueError, match="method must be one of"):
         TrainConfig(method="int8").validate()
     with pytest.raises(ValueError, match="bits must be in 1..8"):
@@ -171,10 +173,10 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
 def test_threads_default_to_the_idle_cores(monkeypatch):
     default = torch.get_num_threads()
     samples = iter([(1000, 2000), (1000 + 0, 2000 + 200)])  # no idle time at all in between
-    monkeypatch.setattr(train_mod, "_cpu_times", lambda: next(samples))
-    assert train_mod.choose_threads(sample_s=0) == 1
+    monkeypatch.setattr(machine_mod, "_cpu_times", lambda: next(samples))
+    assert machine_mod.choose_threads(sample_s=0) == 1
     samples = iter([(1000, 2000), (1200, 2200)])  # all idle
-    monkeypatch.setattr(train_mod, "_cpu_times", lambda: next(samples))
-    assert train_mod.choose_threads(sample_s=0) == default
-    monkeypatch.setattr(train_mod, "_cpu_times", lambda: None)  # not Linux
-    assert train_mod.choose_threads(sample_s=0) == default
+    monkeypatch.setattr(machine_mod, "_cpu_times", lambda: next(samples))
+    assert machine_mod.choose_threads(sample_s=0) == default
+    monkeypatch.setattr(machine_mod, "_cpu_times", lambda: None)  # not Linux
+    assert machine_mod.choose_threads(sample_s=0) == default

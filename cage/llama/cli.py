@@ -1,13 +1,13 @@
 """The ``cage`` command line: ``cage <subcommand> ...`` or ``python -m cage <subcommand> ...``.
 
-Subcommands are modules listed in SUBCOMMANDS (``cage.train`` and ``cage.sweep`` are examples).
+Subcommands are modules listed in SUBCOMMANDS (``cage.llama.job.cli`` and ``cage.llama.sweep.cli`` are examples).
 To add one, say ``export``, write a module that defines
 
     add_arguments(parser: argparse.ArgumentParser) -> None   # its options
     run(args: argparse.Namespace) -> int                     # does the work, returns the exit code
 
 with a module docstring whose first line is the subcommand's one-line help, and add
-``"export": "cage.export"`` to SUBCOMMANDS. Errors the user can fix (ValueError,
+``"export": "cage.llama.export"`` to SUBCOMMANDS. Errors the user can fix (ValueError,
 FileNotFoundError, FloatingPointError) are printed as one message with exit code 2; anything
 else keeps its traceback.
 """
@@ -20,8 +20,8 @@ import sys
 
 # subcommand name -> module that defines add_arguments(parser) and run(args)
 SUBCOMMANDS: dict[str, str] = {
-    "train": "cage.train",
-    "sweep": "cage.sweep",
+    "train": "cage.llama.job.cli",
+    "sweep": "cage.llama.sweep.cli",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)

@@ -1,0 +1,59 @@
+"""What a run is made of: its learning-rate schedule, its quantizers and its prepared model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...config import QuantConfig
+from ...linear import prepare_qat
+from ..model import Llama
+from .config import FULL_PRECISION_BITS, TrainConfig
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.1, final_frac: float = 0.1) -> float:
+    """Learning rate of the optimizer step with 0-based index ``step`` of ``total``: linear
+    warm-up over ``warmup_frac`` of the steps (reaching ``peak`` at its last step), then a cosine
+    from ``peak`` down to ``final_frac * peak`` at the last step."""
+    warmup = max(1, round(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    final = final_frac * peak
+    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fit_block_size(block_size: int, row_lengths) -> int:
+    """The largest power of two <= block_size that divides every quantized row length."""
+    b = 1 << (block_size.bit_length() - 1)
+    while any(n % b for n in row_lengths):
+        b //= 2
+    return b
+
+
+def quant_configs(cfg: TrainConfig, block_size: int) -> tuple[QuantConfig | None, QuantConfig | None]:
+    """(weight, activation) quantizers of the run's method."""
+    if cfg.method == "bf16":
+        return None, None
+
+    def make(bits):
+        if bits == FULL_PRECISION_BITS:
+            return None
+        if cfg.method == "ste":
+            return QuantConfig(bits, hadamard=False, grad_mask="none")
+        return QuantConfig(bits, hadamard=True, block_size=block_size, grad_mask="trust")
+
+    return make(cfg.weight_bits), make(cfg.act_bits)
+
+
+def build_model(cfg: TrainConfig, device: torch.device):
+    """The model of the run (initialised from ``cfg.seed``), prepared for QAT; and its quantizers."""
+    mcfg = cfg.model_config()
+    block = fit_block_size(cfg.block_size, (mcfg.dim, mcfg.ffn_dim))
+    wq, aq = quant_configs(cfg, block)
+    torch.manual_seed(cfg.seed)
+    model = Llama(mcfg)
+    if wq is not None or aq is not None:
+        prepare_qat(model, weight=wq, activation=aq, backend=cfg.backend)
+    return model.to(device), wq, aq

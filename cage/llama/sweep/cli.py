@@ -1,0 +1,160 @@
+"""Accuracy sweep: method (bf16, ste, quest, cage) x bits x seeds, plus a CAGE lambda/silence ablation.
+
+Every cell is one ``cage train`` run in its own folder ``<out>/<cell>/`` (``metrics.json``,
+``checkpoint.pt``, ``train.log``), started as a separate process (``--jobs`` at a time, each with
+``--threads`` torch threads). All cells share the model, data, token budget and recipe; only the
+method, the bits, the seed and (ablation cells only) CAGE's lambda and silence ratio differ.
+``bf16`` has no bits: it runs once per seed and is the reference of every bit width.
+
+Resumable: a cell whose ``metrics.json`` is complete (or that diverged: ``diverged.json``) is
+skipped; a cell with a checkpoint but no final metrics continues from its checkpoint. Run the
+same command again after an interruption.
+
+Splits (``cage.llama.data``): the main table reports the final loss on ``test``; the ablation is read
+on ``val`` only, and nothing is tuned on ``test``. The main table uses SPEC 2's defaults
+(lambda 10, silence 0.8, linear ramp) exactly.
+
+Report: ``<results-dir>/accuracy-<name>.json`` (``--name``, default the preset), ``.md`` and ``.png`` (loss against bits per
+method). Text between ``<!-- BEGIN FINDINGS -->`` and ``<!-- END FINDINGS -->`` in an existing
+``.md`` is kept when the report is rewritten. ``--report-only`` rebuilds the report from the
+cells that exist (a partial sweep gives a partial report, with each cell's n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as _dt
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+
+from .cells import _write_json, cell_status, launch, prepare_cell
+from .plan import METHODS, PLAYS_PLUS_STDLIB, SWEEP_PRESETS, Cell, assemble_plays_plus_stdlib, plan_cells, train_config_dict
+from .report import _load_state, _code_info, write_report
+
+
+def _floats(s):
+    return tuple(float(x) for x in s.split(",") if x != "")
+
+def _ints(s):
+    return tuple(int(x) for x in s.split(",") if x != "")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu", choices=list(SWEEP_PRESETS), help="sweep preset (default: cpu)")
+    p.add_argument("--methods", type=lambda s: tuple(s.split(",")), help="comma list (default: bf16,ste,quest,cage)")
+    p.add_argument("--bits", type=_ints, help="comma list of bit widths (default: the preset's)")
+    p.add_argument("--seeds", type=_ints, help="comma list of seeds of the main matrix")
+    p.add_argument("--ablation-seeds", type=_ints, help="comma list of seeds of the ablation (empty: no ablation)")
+    p.add_argument("--ablation-bits", type=int, help="bit width of the ablation")
+    p.add_argument("--lambdas", type=_floats, help="ablation lambdas, comma list")
+    p.add_argument("--silences", type=_floats, help="ablation silence ratios, comma list")
+    p.add_argument("--steps", type=int, help="optimizer steps per cell")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--eval-batches", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--model", help="cage.llama.model preset of every cell")
+    p.add_argument("--dim", type=int)
+    p.add_argument("--n-layers", type=int)
+    p.add_argument("--n-heads", type=int)
+    p.add_argument("--data", help=f"corpus path, or {PLAYS_PLUS_STDLIB!r} (default: the preset's)")
+    p.add_argument("--jobs", type=int, help="cells run at once (separate processes)")
+    p.add_argument("--threads", type=int, help="torch threads per cell")
+    p.add_argument("--name", help="name of the sweep: runs/sweep-<name>, accuracy-<name>.* (default: the preset)")
+    p.add_argument("--out", help="folder of the cells (default: runs/sweep-<name>)")
+    p.add_argument("--results-dir", default="benchmarks/results", help="where accuracy-<preset>.* go")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the cells there, run nothing")
+    p.add_argument("--max-cells", type=int, help="run at most this many cells in this invocation")
+
+def preset_from_args(args: argparse.Namespace) -> dict:
+    p = dict(SWEEP_PRESETS[args.preset], preset=args.preset, methods=METHODS, name=args.name or args.preset)
+    for k in ("methods", "bits", "seeds", "ablation_seeds", "ablation_bits", "lambdas", "silences", "steps",
+              "batch_size", "seq_len", "eval_batches", "lr", "model", "dim", "n_layers", "n_heads", "data",
+              "jobs", "threads"):
+        v = getattr(args, k, None)
+        if v is not None:
+            p[k] = v
+    bad = [m for m in p["methods"] if m not in METHODS]
+    if bad:
+        raise ValueError(f"sweep: unknown methods {bad}; choose from {METHODS}")
+    if p["jobs"] < 1:
+        raise ValueError("sweep: --jobs must be >= 1")
+    return p
+
+def command_line(args: argparse.Namespace) -> str:
+    """The sweep's command with the options that were given (from the parsed arguments, so it is
+    right whether the sweep came from the shell or from ``cli.main([...])``)."""
+    parts = ["python -m cage sweep"]
+    for k, v in vars(args).items():
+        if k.startswith("_") or v is None or v is False or k == "command":
+            continue
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(flag)
+        elif isinstance(v, tuple):
+            parts += [flag, shlex.quote(",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v))]
+        else:
+            parts += [flag, shlex.quote(str(v))]
+    return " ".join(parts)
+
+def run(args: argparse.Namespace) -> int:
+    p = preset_from_args(args)
+    out = Path(args.out or os.path.join("runs", f"sweep-{p['name']}"))
+    results_dir = Path(args.results_dir)
+    cells = plan_cells(p)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        write_report(out, results_dir, p, cells)
+        print(f"sweep: report written to {results_dir}/accuracy-{p['name']}.*")
+        return 0
+    data = p["data"]
+    if data == PLAYS_PLUS_STDLIB:
+        data = str(assemble_plays_plus_stdlib(out / "corpus" / "plays+stdlib.txt").resolve())
+    dirs = {c: prepare_cell(out, c, train_config_dict(p, c, out, data)) for c in cells}
+    todo = [c for c in cells if cell_status(dirs[c]) in ("todo", "partial", "failed")]
+    if args.max_cells is not None:
+        todo = todo[: args.max_cells]
+    state = _load_state(out)
+    inv = {"command": command_line(args),
+           "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": 0.0,
+           "cells_to_run": len(todo)}
+    state["invocations"].append(inv)
+    state["code"] = _code_info()
+    _write_json(out / "sweep.json", state)
+    print(f"sweep {p['name']}: {len(cells)} cells, {len(cells) - len(todo)} already finished, running {len(todo)} "
+          f"({p['jobs']} at a time x {p['threads']} threads) in {out}", flush=True)
+    t0 = time.perf_counter()
+    failures = 0
+
+    def one(c: Cell):
+        d = dirs[c]
+        (d / "failed.json").unlink(missing_ok=True)
+        rc, secs = launch(d, p["threads"])
+        st = cell_status(d)
+        if rc != 0 or st not in ("done", "diverged"):
+            _write_json(d / "failed.json", {"returncode": rc})
+            st = "failed"
+        return c, st, secs
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=p["jobs"]) as pool:
+        for i, fut in enumerate(concurrent.futures.as_completed([pool.submit(one, c) for c in todo]), 1):
+            c, st, secs = fut.result()
+            failures += st == "failed"
+            extra = ""
+            if st == "done":
+                m = json.loads((dirs[c] / "metrics.json").read_text())
+                extra = f" test {m['final_test_loss']:.4f} val {m['final_val_loss']:.4f}"
+            print(f"[{i}/{len(todo)}] {c.name}: {st} in {secs:.0f}s{extra}  "
+                  f"(sweep {time.perf_counter() - t0:.0f}s)", flush=True)
+            inv["wall_s"] = time.perf_counter() - t0
+            _write_json(out / "sweep.json", state)
+            write_report(out, results_dir, p, cells)
+    inv["wall_s"] = time.perf_counter() - t0
+    inv["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    _write_json(out / "sweep.json", state)
+    write_report(out, results_dir, p, cells)
+    print(f"sweep: done in {inv['wall_s']:.0f}s, {failures} failed; report in {results_dir}/accuracy-{p['name']}.*", flush=True)
+    return 1 if failures else 0
