@@ -4,7 +4,8 @@
     python benchmarks/accuracy.py --preset cpu --report-only
     python benchmarks/accuracy.py --preset 30M            # GPU preset (paper's 30M shape)
 
-Results go to benchmarks/results/accuracy-<preset>.{json,md,png}; see cage/llama/sweep/.
+Results go to benchmarks/results/accuracy-<preset>.{json,md,png} (the committed ones; ``cage sweep``
+alone writes them under its --out folder unless given --results-dir); see cage/llama/sweep/.
 """
 
 import sys
@@ -15,4 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cage.llama.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    given = sys.argv[1:]
+    results = [] if any(a.startswith("--results-dir") for a in given) else [
+        "--results-dir", str(Path(__file__).resolve().parent / "results")]
+    sys.exit(main(["sweep", *given, *results]))

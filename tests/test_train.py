@@ -152,8 +152,11 @@ def test_methods_map_to_the_specified_quantizers():
     assert wq == cage.QuantConfig(4, block_size=64) and aq is None and cfg.optimizer_lambda == 15.0
     assert type(model.lm_head) is torch.nn.Linear  # the head stays high precision
     assert build_mod.fit_block_size(128, (128, 384)) == 128
-    assert build_mod.fit_block_size(128, (64, 192)) == 64
-    assert build_mod.fit_block_size(100, (96,)) == 32
+    assert build_mod.fit_block_size(None, (64, 192)) == 64  # the default fits the model
+    with pytest.raises(ValueError, match=r"--block-size 128 does not divide .*\[64, 192\]"):
+        build_mod.fit_block_size(128, (64, 192))  # an explicit one is never halved silently
+    with pytest.raises(ValueError, match="--block-size must be a power of two"):
+        build_mod.fit_block_size(100, (96,))  # no silent change to 32 any more
     with pytest.raises(ValueError, match="method must be one of"):
         TrainConfig(method="int8").validate()
     with pytest.raises(ValueError, match="bits must be in 1..8"):

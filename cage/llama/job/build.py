@@ -9,7 +9,7 @@ import torch
 from ...config import QuantConfig
 from ...linear import prepare_qat
 from ..model import Llama
-from .config import FULL_PRECISION_BITS, TrainConfig
+from .config import FULL_PRECISION_BITS, TrainConfig, fit_block_size  # noqa: F401 (re-exported)
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.1, final_frac: float = 0.1) -> float:
@@ -22,14 +22,6 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.1, final_fr
     progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
     final = final_frac * peak
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def fit_block_size(block_size: int, row_lengths) -> int:
-    """The largest power of two <= block_size that divides every quantized row length."""
-    b = 1 << (block_size.bit_length() - 1)
-    while any(n % b for n in row_lengths):
-        b //= 2
-    return b
 
 
 def quant_configs(cfg: TrainConfig, block_size: int) -> tuple[QuantConfig | None, QuantConfig | None]:
@@ -50,8 +42,7 @@ def quant_configs(cfg: TrainConfig, block_size: int) -> tuple[QuantConfig | None
 def build_model(cfg: TrainConfig, device: torch.device):
     """The model of the run (initialised from ``cfg.seed``), prepared for QAT; and its quantizers."""
     mcfg = cfg.model_config()
-    block = fit_block_size(cfg.block_size, (mcfg.dim, mcfg.ffn_dim))
-    wq, aq = quant_configs(cfg, block)
+    wq, aq = quant_configs(cfg, cfg.hadamard_block())
     torch.manual_seed(cfg.seed)
     model = Llama(mcfg)
     if wq is not None or aq is not None:

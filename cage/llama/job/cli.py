@@ -28,8 +28,11 @@ from ...optim import COUPLINGS, SCHEDULES
 from ..data import SPLITS
 from ..model import PRESETS
 from .checkpoint import checkpoint_config
-from .config import CPU_PRESET_LR, FULL_PRECISION_BITS, METHODS, TrainConfig, default_out_dir
+from .config import (CPU_PRESET_LR, FULL_PRECISION_BITS, MAX_AUTO_BLOCK_SIZE, METHODS, RESUME_AND_OVERWRITE,
+                     ROTATED_METHODS, TrainConfig, default_out_dir)
 from .loop import train
+from .machine import DEVICES
+from .outdir import RUN_OUTPUTS, check_out_dir, clear_run_outputs
 
 # Every option defaults to "not given" (argparse.SUPPRESS): the defaults live in TrainConfig
 # alone, and on --resume the options not given come from the checkpoint's config.
@@ -49,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--bits", type=int, help="weight and activation bits, 1..8")
     opt("--w-bits", type=int, help=f"weight bits (overrides --bits; {FULL_PRECISION_BITS}: unquantized)")
     opt("--a-bits", type=int, help=f"activation bits (overrides --bits; {FULL_PRECISION_BITS}: unquantized)")
-    opt("--block-size", type=int, help="Hadamard block size (halved until it divides every row)")
+    opt("--block-size", type=int, help=f"Hadamard block of {'/'.join(ROTATED_METHODS)}: a power of two that "
+        f"divides the model's quantized rows (default: the largest such up to {MAX_AUTO_BLOCK_SIZE})")
     opt("--preset", choices=list(PRESETS), help="model size")
     opt("--dim", type=int, help="model width (overrides the preset's)")
     opt("--n-layers", type=int, help="number of blocks (overrides the preset's)")
@@ -60,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--seq-len", type=int, help="tokens (bytes) per sequence")
     opt("--lr", type=float, help=f"peak learning rate (default: the preset's, {CPU_PRESET_LR:g} for CPU presets)")
     opt("--weight-decay", type=float, help="AdamW weight decay of matrices")
-    opt("--grad-clip", type=float, help="gradient norm clipping")
+    opt("--grad-clip", type=float, help="largest gradient norm, > 0 (inf: no clipping)")
     opt("--cage-lambda", type=float, help="peak CAGE lambda (method cage only)")
     opt("--silence-ratio", type=float, help="fraction of the steps before lambda turns on")
     opt("--schedule", choices=SCHEDULES, help="lambda schedule after the silent part")
@@ -71,14 +75,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("running")
     opt("--out", help="output folder (default: runs/<method>-w<b>a<b>-<preset>-seed<seed>)")
     opt("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    opt("--overwrite", action="store_true", help="replace the run in --out (deletes its "
+        f"{', '.join(RUN_OUTPUTS)}); without it or --resume, a folder holding a run is refused")
     opt("--stop-after", type=int, help="stop and checkpoint after this step (continue with --resume)")
-    opt("--eval-every", type=int, help="steps between evaluations and checkpoints (default: steps/4)")
+    opt("--eval-every", type=int, help="steps between evaluations and checkpoints, >= 1 (default: steps/4)")
     opt("--eval-batches", type=int, help="batches per evaluation")
     opt("--eval-split", choices=SPLITS[1:], help="split of the periodic evaluations")
-    opt("--log-every", type=int, help="steps between progress lines (default: steps/20)")
-    opt("--device", help="auto, cpu, cuda, cuda:1, ...")
+    opt("--log-every", type=int, help="steps between progress lines, >= 1 (default: steps/20)")
+    opt("--device", help=f"{DEVICES}")
     opt("--backend", choices=("auto", "torch", "triton"), help="quantizer/optimizer implementation")
-    opt("--threads", type=int, help="CPU threads for torch (default: one per idle core, measured at "
+    opt("--threads", type=int, help="CPU threads for torch, >= 1 (default: one per idle core, measured at "
         "the start; a resumed run keeps its first count, since results can depend on it)")
     opt("--quiet", dest="verbose", action="store_false", help="print only errors")
     del g  # groups only order the help text
@@ -89,6 +95,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if not given.get("resume"):
         cfg = TrainConfig(**given)
         return cfg if cfg.out else dataclasses.replace(cfg, out=default_out_dir(cfg))
+    if given.get("overwrite"):
+        raise ValueError(RESUME_AND_OVERWRITE)
     out = given.get("out") or default_out_dir(TrainConfig(**given))
     # A resumed run keeps its checkpoint's settings; a stop_after of the earlier session does
     # not carry over (it would stop again at once).
@@ -96,5 +104,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(base, **{**given, "out": out, "resume": True})
 
 def run(args: argparse.Namespace) -> int:
-    train(config_from_args(args))
+    cfg = config_from_args(args)
+    # every check before any work: a bad option costs no corpus load and writes nothing
+    cfg.validate()
+    check_out_dir(cfg)
+    clear_run_outputs(cfg)
+    train(cfg)
     return 0

@@ -3,17 +3,52 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
+from ...backend import resolve as resolve_backend
 from ..data import SPLITS
 from ..model import PRESET_LR, PRESETS, config_from_preset
 from ...optim import COUPLINGS, SCHEDULES
+from .machine import resolve_device
 
 METHODS = ("bf16", "ste", "quest", "cage")
+
+ROTATED_METHODS = ("quest", "cage")  # the methods with a Hadamard rotation (and so a block size)
 
 FULL_PRECISION_BITS = 16  # --w-bits/--a-bits 16: leave that side unquantized
 
 CPU_PRESET_LR = 3e-3  # peak lr of the small CPU presets (the paper's sizes have PRESET_LR)
+
+RESUME_AND_OVERWRITE = "--resume continues the run in --out and --overwrite replaces it: give one of them"
+
+MAX_AUTO_BLOCK_SIZE = 128  # block_size None: the largest power of two up to this that fits
+
+
+def _is_power_of_two(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
+
+
+def fit_block_size(block_size: int | None, row_lengths) -> int:
+    """The Hadamard block of a run whose quantized rows have ``row_lengths``: ``block_size``
+    itself, which must be a power of two dividing every row, or for ``None`` the largest power
+    of two <= MAX_AUTO_BLOCK_SIZE that divides every row."""
+    rows = sorted(set(row_lengths))
+    if block_size is None:
+        b = MAX_AUTO_BLOCK_SIZE
+        while any(n % b for n in rows):
+            b //= 2
+        return b
+    if not _is_power_of_two(block_size):
+        raise ValueError(f"--block-size must be a power of two (1, 2, 4, ..., 128, ...), got {block_size!r}")
+    if any(n % block_size for n in rows):
+        fitting = [1 << k for k in range(min(rows).bit_length()) if all(n % (1 << k) == 0 for n in rows)]
+        raise ValueError(
+            f"--block-size {block_size} does not divide the quantized row lengths {rows} of this model; "
+            f"accepted: {', '.join(map(str, fitting))} (or leave it out: the largest of those up to "
+            f"{MAX_AUTO_BLOCK_SIZE})"
+        )
+    return block_size
 
 
 @dataclasses.dataclass
@@ -25,7 +60,7 @@ class TrainConfig:
     bits: int = 4  # weights and activations
     w_bits: int | None = None  # None: bits; 16: weights unquantized
     a_bits: int | None = None  # None: bits; 16: activations unquantized
-    block_size: int = 128  # Hadamard block; halved until it divides every quantized row
+    block_size: int | None = None  # Hadamard block; None: fit_block_size's choice for the model
     preset: str = "cpu"
     dim: int | None = None  # None: the preset's
     n_layers: int | None = None
@@ -38,7 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; inf: no clipping
     warmup_frac: float = 0.1
     final_lr_frac: float = 0.1
     cage_lambda: float = 10.0  # used by method cage only; the others run with lambda 0
@@ -51,6 +86,7 @@ class TrainConfig:
     # bookkeeping (may change between a run and its resumption)
     out: str | None = None  # None: write nothing (in-process use); the CLI picks a folder
     resume: bool = False
+    overwrite: bool = False  # start afresh in an out folder that holds a run (see outdir.py)
     stop_after: int | None = None  # stop (and checkpoint) after this step of the `steps` schedule
     eval_every: int | None = None  # None: steps // 4
     eval_batches: int = 8
@@ -63,37 +99,67 @@ class TrainConfig:
 
     # Fields that may differ between a run and its resumption: they do not change the weights.
     RESUMABLE_CHANGES = (
-        "out", "resume", "stop_after", "eval_every", "log_every", "device", "backend",
+        "out", "resume", "overwrite", "stop_after", "eval_every", "log_every", "device", "backend",
         "threads", "verbose",
     )
 
     def validate(self) -> None:
+        """Raise ValueError naming the option of the first setting that cannot run. Cheap (no
+        corpus, no model weights): the CLI calls it before any work."""
+
         def bad(msg):
             raise ValueError(f"TrainConfig: {msg}")
 
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(f"{_option(name)} must be an integer >= 1, got {v!r}")
+
         if self.method not in METHODS:
-            bad(f"method must be one of {METHODS}, got {self.method!r}")
+            bad(f"--method must be one of {METHODS}, got {self.method!r}")
         for name in ("bits", "w_bits", "a_bits"):
             b = getattr(self, name)
             if b is not None and not (1 <= b <= 8 or b == FULL_PRECISION_BITS):
-                bad(f"{name} must be in 1..8 (or {FULL_PRECISION_BITS}: unquantized), got {b}")
+                bad(f"{_option(name)} must be in 1..8 (or {FULL_PRECISION_BITS}: unquantized), got {b}")
+        if self.method != "bf16" and self.weight_bits == self.act_bits == FULL_PRECISION_BITS:
+            bad(f"method {self.method} with weights and activations at {FULL_PRECISION_BITS} bits quantizes "
+                "nothing: use --method bf16, or quantize a side with --bits/--w-bits/--a-bits 1..8")
+        if self.method == "cage" and self.weight_bits == FULL_PRECISION_BITS:
+            bad(f"--method cage corrects the weights towards their quantization grid, but --w-bits "
+                f"{FULL_PRECISION_BITS} leaves them unquantized: use --method quest, or --w-bits 1..8")
         if self.preset not in PRESETS:
-            bad(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        for name in ("steps", "batch_size", "seq_len", "eval_batches", "block_size"):
-            if getattr(self, name) < 1:
-                bad(f"{name} must be positive, got {getattr(self, name)}")
-        if self.stop_after is not None and not 1 <= self.stop_after:
-            bad(f"stop_after must be a positive step number, got {self.stop_after}")
+            bad(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("steps", "batch_size", "seq_len", "eval_batches"):
+            positive_int(name)
+        for name in ("stop_after", "eval_every", "log_every", "threads"):
+            if getattr(self, name) is not None:
+                positive_int(name)
         if self.schedule not in SCHEDULES:
-            bad(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            bad(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.coupling not in COUPLINGS:
-            bad(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
+            bad(f"--coupling must be one of {COUPLINGS}, got {self.coupling!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
-            bad(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+            bad(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.eval_split not in SPLITS:
-            bad(f"eval_split must be one of {SPLITS}, got {self.eval_split!r}")
-        if self.lr is not None and not self.lr > 0:
-            bad(f"lr must be positive, got {self.lr}")
+            bad(f"--eval-split must be one of {SPLITS}, got {self.eval_split!r}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            bad(f"--lr must be a finite number > 0, got {self.lr}")
+        if not self.grad_clip > 0:  # torch's max_norm; 0 would zero every update, < 0 reverse it
+            bad(f"--grad-clip must be > 0 (the largest gradient norm; inf: no clipping), got {self.grad_clip}")
+        if self.resume and self.overwrite:
+            bad(RESUME_AND_OVERWRITE)
+        if self.resume and not self.out:
+            bad("--resume needs the run's --out folder")
+        if self.block_size is not None and self.method not in ROTATED_METHODS:
+            bad(f"--block-size sets the Hadamard block of methods {' and '.join(ROTATED_METHODS)}; "
+                f"method {self.method} has no rotation")
+        try:
+            self.hadamard_block()  # also checks the model's shape
+            resolve_backend(self.backend, resolve_device(self.device), owner=f"--backend {self.backend}")
+        except RuntimeError as err:  # backend.resolve: the backend cannot run on that device
+            bad(str(err))
+        except ValueError as err:
+            bad(str(err))
 
     # ---- derived values
 
@@ -113,6 +179,11 @@ class TrainConfig:
     def optimizer_lambda(self) -> float:
         return self.cage_lambda if self.method == "cage" else 0.0
 
+    def hadamard_block(self) -> int:
+        """The block size of the rotation, for this model's quantized rows (see fit_block_size)."""
+        mcfg = self.model_config()
+        return fit_block_size(self.block_size, (mcfg.dim, mcfg.ffn_dim))
+
     def model_config(self):
         return config_from_preset(
             self.preset, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
@@ -126,6 +197,10 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 def default_out_dir(cfg: TrainConfig) -> str:

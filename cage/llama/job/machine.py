@@ -7,12 +7,17 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import TrainConfig
+if TYPE_CHECKING:  # config.py imports this module to check --device
+    from .config import TrainConfig
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 def _cpu_times() -> tuple[int, int] | None:
@@ -45,8 +50,25 @@ def choose_threads(sample_s: float = 0.3) -> int:
     return max(1, min(default, round((os.cpu_count() or default) - busy_cores)))
 
 def resolve_device(name: str) -> torch.device:
+    """The device of ``--device`` (one of DEVICES); ValueError if it is not available here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError("--device mps: this torch build or machine has no MPS (Apple GPU); use --device cpu")
+        return torch.device("mps")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"--device must be {DEVICES}, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); "
+                         "use --device cpu or auto")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 def autocast_context(cfg: TrainConfig, device: torch.device):

@@ -15,7 +15,9 @@ on ``val`` only, and nothing is tuned on ``test``. The main table uses SPEC 2's 
 (lambda 10, silence 0.8, linear ramp) exactly.
 
 Report: ``<results-dir>/accuracy-<name>.json`` (``--name``, default the preset), ``.md`` and ``.png`` (loss against bits per
-method). Text between ``<!-- BEGIN FINDINGS -->`` and ``<!-- END FINDINGS -->`` in an existing
+method); ``--results-dir`` defaults to ``<out>/results``, so that only a sweep told
+``--results-dir benchmarks/results`` rewrites the committed results. Paths under the working
+directory are recorded relative to it. Text between ``<!-- BEGIN FINDINGS -->`` and ``<!-- END FINDINGS -->`` in an existing
 ``.md`` is kept when the report is rewritten. ``--report-only`` rebuilds the report from the
 cells that exist (a partial sweep gives a partial report, with each cell's n).
 """
@@ -33,7 +35,10 @@ from pathlib import Path
 
 from .cells import _write_json, cell_status, launch, prepare_cell
 from .plan import METHODS, PLAYS_PLUS_STDLIB, SWEEP_PRESETS, Cell, assemble_plays_plus_stdlib, plan_cells, train_config_dict
-from .report import _load_state, _code_info, write_report
+from .report import _code_info, _load_state, display_path, write_report
+
+
+PATH_OPTIONS = ("out", "results_dir", "data")  # recorded relative to the working directory
 
 
 def _floats(s):
@@ -65,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads per cell")
     p.add_argument("--name", help="name of the sweep: runs/sweep-<name>, accuracy-<name>.* (default: the preset)")
     p.add_argument("--out", help="folder of the cells (default: runs/sweep-<name>)")
-    p.add_argument("--results-dir", default="benchmarks/results", help="where accuracy-<preset>.* go")
+    p.add_argument("--results-dir", help="where accuracy-<name>.* go (default: <out>/results; the committed "
+                   "results are benchmarks/results)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the cells there, run nothing")
     p.add_argument("--max-cells", type=int, help="run at most this many cells in this invocation")
 
@@ -77,12 +83,42 @@ def preset_from_args(args: argparse.Namespace) -> dict:
         v = getattr(args, k, None)
         if v is not None:
             p[k] = v
-    bad = [m for m in p["methods"] if m not in METHODS]
-    if bad:
-        raise ValueError(f"sweep: unknown methods {bad}; choose from {METHODS}")
-    if p["jobs"] < 1:
-        raise ValueError("sweep: --jobs must be >= 1")
+    check_preset(p)
     return p
+
+def check_preset(p: dict) -> None:
+    """ValueError naming the option of the first setting of the sweep that cannot run (the
+    training settings of each cell are TrainConfig.validate's)."""
+
+    def bad(msg):
+        raise ValueError(f"sweep: {msg}")
+
+    def listed(option, values, allowed=None, empty_ok=False):
+        if not values and not empty_ok:
+            bad(f"{option} is empty; give a comma list")
+        dup = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+        if dup:
+            bad(f"{option} lists {', '.join(map(str, dup))} more than once")
+        if allowed is not None and any(v not in allowed for v in values):
+            bad(f"{option} must be from {allowed}, got {[v for v in values if v not in allowed]}")
+
+    listed("--methods", p["methods"], METHODS)
+    listed("--seeds", p["seeds"])
+    if any(m != "bf16" for m in p["methods"]):
+        listed("--bits", p["bits"], tuple(range(1, 9)))
+    listed("--ablation-seeds", p["ablation_seeds"], empty_ok=True)
+    if p["ablation_seeds"]:
+        listed("--lambdas", p["lambdas"])
+        listed("--silences", p["silences"])
+        if p["ablation_bits"] not in range(1, 9):
+            bad(f"--ablation-bits must be in 1..8, got {p['ablation_bits']}")
+    if p["jobs"] < 1:
+        bad(f"--jobs must be >= 1, got {p['jobs']}")
+    if p["threads"] is not None and p["threads"] < 1:
+        bad(f"--threads must be >= 1, got {p['threads']}")
+    data = p["data"]
+    if data not in (None, PLAYS_PLUS_STDLIB) and not (data and Path(data).expanduser().exists()):
+        bad(f"--data {data} does not exist (give a text file, a folder of text files, or {PLAYS_PLUS_STDLIB!r})")
 
 def command_line(args: argparse.Namespace) -> str:
     """The sweep's command with the options that were given (from the parsed arguments, so it is
@@ -92,6 +128,8 @@ def command_line(args: argparse.Namespace) -> str:
         if k.startswith("_") or v is None or v is False or k == "command":
             continue
         flag = "--" + k.replace("_", "-")
+        if k in PATH_OPTIONS:
+            v = display_path(v)
         if v is True:
             parts.append(flag)
         elif isinstance(v, tuple):
@@ -102,18 +140,24 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     p = preset_from_args(args)
+    if args.max_cells is not None and args.max_cells < 1:
+        raise ValueError(f"sweep: --max-cells must be >= 1, got {args.max_cells}")
     out = Path(args.out or os.path.join("runs", f"sweep-{p['name']}"))
-    results_dir = Path(args.results_dir)
+    results_dir = Path(args.results_dir) if args.results_dir else out / "results"
     cells = plan_cells(p)
-    out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
+        if not (out / "sweep.json").is_file():
+            raise ValueError(f"sweep --report-only: no sweep in {out} (no sweep.json); run the sweep first")
         write_report(out, results_dir, p, cells)
         print(f"sweep: report written to {results_dir}/accuracy-{p['name']}.*")
         return 0
-    data = p["data"]
-    if data == PLAYS_PLUS_STDLIB:
-        data = str(assemble_plays_plus_stdlib(out / "corpus" / "plays+stdlib.txt").resolve())
-    dirs = {c: prepare_cell(out, c, train_config_dict(p, c, out, data)) for c in cells}
+    corpus = out / "corpus" / "plays+stdlib.txt"
+    data = str(corpus.resolve()) if p["data"] == PLAYS_PLUS_STDLIB else p["data"]
+    configs = {c: train_config_dict(p, c, out, data) for c in cells}  # each validated: no work yet
+    out.mkdir(parents=True, exist_ok=True)
+    if p["data"] == PLAYS_PLUS_STDLIB:
+        assemble_plays_plus_stdlib(corpus)
+    dirs = {c: prepare_cell(out, c, configs[c]) for c in cells}
     todo = [c for c in cells if cell_status(dirs[c]) in ("todo", "partial", "failed")]
     if args.max_cells is not None:
         todo = todo[: args.max_cells]

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from .cells import _write_json, collect
-from .plan import DEFAULT_LAMBDA, DEFAULT_SILENCE, Cell
+from .plan import DEFAULT_LAMBDA, DEFAULT_SILENCE, PLAYS_PLUS_STDLIB, Cell
 from .stats import aggregate
 
 FINDINGS_BEGIN = "<!-- BEGIN FINDINGS -->"
@@ -70,7 +70,8 @@ def plot(path: Path, agg: dict, p: dict) -> bool:
     ax.set_ylabel("final test loss (nats / byte)")
     ax.set_title(f"sweep {p['name']}: mean ± std over seeds")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a sweep with no finished cell yet has nothing to label
+        ax.legend()
     # The seeds share init and batches across methods: the per-seed difference is the sharp test.
     xs, ys, es = [], [], []
     for b in bits:
@@ -243,7 +244,7 @@ def write_report(out: Path, results_dir: Path, p: dict, cells: list[Cell]) -> di
     }
     report = {
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "preset": p,
+        "preset": {**p, "data": display_path(p["data"])},
         "run_info": info,
         "aggregate": agg,
         "cells": [{k: v for k, v in r.items() if k != "metrics"} for r in recs],
@@ -269,9 +270,17 @@ def _load_state(out: Path) -> dict:
         return json.loads(f.read_text())
     return {"invocations": []}
 
+def display_path(path) -> str:
+    """``path`` as results record it: relative to the working directory when it lies under it
+    (results are committed, and the machine's absolute paths mean nothing elsewhere), else as given."""
+    if path in (None, PLAYS_PLUS_STDLIB):
+        return path
+    resolved, cwd = Path(path).expanduser().resolve(), Path.cwd().resolve()
+    return str(resolved.relative_to(cwd)) if resolved.is_relative_to(cwd) else str(path)
+
 def _code_info() -> dict:
     root = Path(__file__).resolve().parents[3]
-    info = {"package": str(root)}
+    info = {"package": display_path(root)}
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip() or None
         info["dirty_files"] = subprocess.run(["git", "status", "--porcelain", "cage"], cwd=root, capture_output=True, text=True, timeout=5).stdout.split("\n")
