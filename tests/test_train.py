@@ -12,7 +12,7 @@ from cage.llama import cli
 from cage.llama.job import build as build_mod
 from cage.llama.job import loop as loop_mod
 from cage.llama.job import machine as machine_mod
-from cage.llama.job import TrainConfig, lr_at, train
+from cage.llama.job import TrainConfig, fit_block_size, lr_at, train
 
 # A run small enough for CI on two cores: ~0.2M parameters, 64-byte windows, one thread (a
 # model this small gains nothing from two, and loses a lot when other processes share the CPU).
@@ -151,12 +151,12 @@ def test_methods_map_to_the_specified_quantizers():
     cfg, model, wq, aq = build(method="cage", w_bits=4, a_bits=16, cage_lambda=15.0)
     assert wq == cage.QuantConfig(4, block_size=64) and aq is None and cfg.optimizer_lambda == 15.0
     assert type(model.lm_head) is torch.nn.Linear  # the head stays high precision
-    assert build_mod.fit_block_size(128, (128, 384)) == 128
-    assert build_mod.fit_block_size(None, (64, 192)) == 64  # the default fits the model
+    assert fit_block_size(128, (128, 384)) == 128
+    assert fit_block_size(None, (64, 192)) == 64  # the default fits the model
     with pytest.raises(ValueError, match=r"--block-size 128 does not divide .*\[64, 192\]"):
-        build_mod.fit_block_size(128, (64, 192))  # an explicit one is never halved silently
+        fit_block_size(128, (64, 192))  # an explicit one is never halved silently
     with pytest.raises(ValueError, match="--block-size must be a power of two"):
-        build_mod.fit_block_size(100, (96,))  # no silent change to 32 any more
+        fit_block_size(100, (96,))  # no silent change to 32 any more
     with pytest.raises(ValueError, match="method must be one of"):
         TrainConfig(method="int8").validate()
     with pytest.raises(ValueError, match="bits must be in 1..8"):

@@ -4,9 +4,9 @@
 that it also writes to ``out/metrics.json``.
 """
 
-from .build import build_model, fit_block_size, lr_at, quant_configs
+from .build import build_model, lr_at, quant_configs
 from .checkpoint import CHECKPOINT, METRICS, PLOT, checkpoint_config, load_checkpoint
-from .config import METHODS, TrainConfig, default_out_dir
+from .config import METHODS, TrainConfig, default_out_dir, fit_block_size
 from .loop import evaluate, train
 
 __all__ = [

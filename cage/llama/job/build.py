@@ -9,7 +9,7 @@ import torch
 from ...config import QuantConfig
 from ...linear import prepare_qat
 from ..model import Llama
-from .config import FULL_PRECISION_BITS, TrainConfig, fit_block_size  # noqa: F401 (re-exported)
+from .config import FULL_PRECISION_BITS, TrainConfig
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.1, final_frac: float = 0.1) -> float:
