@@ -217,8 +217,11 @@ def _module_spec_for_compare(module: nn.Module, spec: dict) -> dict:
     }
 
 
-def _rebuild_layers(header: dict, model: nn.Module, path, backend: str) -> None:
+def _rebuild_layers(header: dict, model: nn.Module, path, backend: str) -> list[tuple[str, nn.Module]]:
+    """Check every layer against the file, then swap in the layers the file needs; return the
+    ``(name, replaced module)`` pairs, so that a failed load can put them back."""
     file_layers = header["layers"]
+    swaps = []
     for name in quantized_layers(model):
         if name not in file_layers:
             raise ValueError(f"{path}: the model's quantized layer {name!r} is not in the file")
@@ -235,9 +238,11 @@ def _rebuild_layers(header: dict, model: nn.Module, path, backend: str) -> None:
             raise ValueError(f"{path}: layer {name!r}: " + "; ".join(diffs))
         plain = isinstance(module, nn.Linear) and not isinstance(module, QATLinear)
         if plain or (isinstance(module, QATLinear) and spec["kind"] == "quantized"):
-            device = module.weight.device
             keep_backend = getattr(module, "backend", backend)
-            _set_module(model, name, layer_from_spec(spec, name, device=device, backend=keep_backend))
+            swaps.append((name, module, layer_from_spec(spec, name, device=module.weight.device, backend=keep_backend)))
+    for name, _, new in swaps:
+        _set_module(model, name, new)
+    return [(name, old) for name, old, _ in swaps]
 
 
 def _check_tensors(tensors: dict, model: nn.Module, path) -> None:
@@ -269,7 +274,12 @@ def load_quantized(path, model: nn.Module, *, backend: str = "auto") -> nn.Modul
     plain linears.
     """
     header, tensors = _read(path, tensors=True)
-    _rebuild_layers(header, model, path, backend)
-    _check_tensors(tensors, model, path)
+    replaced = _rebuild_layers(header, model, path, backend)
+    try:
+        _check_tensors(tensors, model, path)
+    except ValueError:
+        for name, old in replaced:  # a failed load leaves the model as it was
+            _set_module(model, name, old)
+        raise
     model.load_state_dict(tensors, strict=True)
     return model
