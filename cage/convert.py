@@ -250,7 +250,11 @@ def convert(model: nn.Module) -> nn.Module:
             new = QuantizedLinear.from_qat(layer)
         except ValueError as err:
             raise ValueError(f"convert: layer {name!r}: {err}") from None
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        set_module(model, name, new)
     return model
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` of ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

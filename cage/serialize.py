@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .convert import QuantizedLinear, layer_from_spec, layer_spec, spec_differences
+from .convert import QuantizedLinear, layer_from_spec, layer_spec, set_module, spec_differences
 from .linear import QATLinear
 
 FORMAT = "cage-quantized"
@@ -199,11 +199,6 @@ def read_header(path) -> dict:
     return _read(path, tensors=False)[0]
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _module_spec_for_compare(module: nn.Module, spec: dict) -> dict:
     """The fields of ``spec`` that ``module`` (a plain nn.Linear, QATLinear or QuantizedLinear) pins."""
     if isinstance(module, (QuantizedLinear, QATLinear)):
@@ -241,11 +236,11 @@ def _rebuild_layers(header: dict, model: nn.Module, path, backend: str) -> list[
             keep_backend = getattr(module, "backend", backend)
             swaps.append((name, module, layer_from_spec(spec, name, device=module.weight.device, backend=keep_backend)))
     for name, _, new in swaps:
-        _set_module(model, name, new)
+        set_module(model, name, new)
     return [(name, old) for name, old, _ in swaps]
 
 
-def _check_tensors(tensors: dict, model: nn.Module, path) -> None:
+def check_tensors(tensors: dict, model: nn.Module, path) -> None:
     state = model.state_dict()
     missing = sorted(set(state) - set(tensors))
     unexpected = sorted(set(tensors) - set(state))
@@ -276,10 +271,10 @@ def load_quantized(path, model: nn.Module, *, backend: str = "auto") -> nn.Modul
     header, tensors = _read(path, tensors=True)
     replaced = _rebuild_layers(header, model, path, backend)
     try:
-        _check_tensors(tensors, model, path)
+        check_tensors(tensors, model, path)
     except ValueError:
         for name, old in replaced:  # a failed load leaves the model as it was
-            _set_module(model, name, old)
+            set_module(model, name, old)
         raise
     model.load_state_dict(tensors, strict=True)
     return model
