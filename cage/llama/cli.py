@@ -22,6 +22,8 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "train": "cage.llama.job.cli",
     "sweep": "cage.llama.sweep.cli",
+    "export": "cage.llama.export",
+    "generate": "cage.llama.generate",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
