@@ -234,18 +234,6 @@ def _check_no_duplicates(params: list) -> None:
         seen[id(tensor)] = i
 
 
-def _fused_group_step(group: dict, params, states, lambda_at, found_inf) -> None:
-    from . import kernel_ops  # deferred: Triton is optional
-
-    kernel_ops.adamw_cage_step_group(group, params, states, lambda_at, found_inf)
-
-
-# The Triton launch takes the step count and lambda_t as host scalars: a traced step runs
-# it eagerly, a deliberate graph break (backend="triton" only). Eager steps call the plain
-# function: the disabled wrapper trips Triton's interpreter.
-_fused_group_step_untraced = torch.compiler.disable(_fused_group_step)
-
-
 class CAGEAdamW(Optimizer):
     """AdamW with the CAGE correction for parameter groups that carry ``"quant"``.
 
@@ -281,13 +269,14 @@ class CAGEAdamW(Optimizer):
     Triton step (``backend="triton"``), ``False`` the torch one, ``None`` leaves it to
     ``backend``. Their other values raise ``ValueError`` saying why.
 
-    ``torch.compile(opt.step)``: with ``backend="auto"`` or ``"torch"`` the traced step is
-    the torch formulation with the step count and lambda_t as tensors, one graph without
-    a break (``fullgraph=True`` works) as long as nothing is checked on the host: use
-    ``check_finite="skip"`` or ``False`` on a CPU (the GPU default is already "skip").
-    ``backend="triton"`` (or ``fused=True``) keeps the hand-written kernel, run eagerly
-    from the compiled step: one graph break per group. A Python-float ``lr`` changed by
-    a scheduler recompiles the step, as for torch's own optimizers.
+    ``torch.compile(opt.step)``: the traced step is the torch formulation with the step
+    count and lambda_t as tensors, whatever ``backend``/``fused`` say (they choose the eager
+    implementation; the hand-written kernel takes host scalars). It is one graph without
+    a break (``fullgraph=True`` works), compiled once for the first step and once for the
+    others, as long as nothing is checked on the host: use ``check_finite="skip"`` or
+    ``False`` on a CPU (the GPU default is already "skip"). It computes ``Q(w)`` every
+    step, also while lambda_t is 0. A Python-float ``lr`` changed by a scheduler
+    recompiles the step, as for torch's own optimizers.
 
     A state dict of ``torch.optim.AdamW`` loads (the CAGE options then come from the
     constructor); one it cannot continue (AMSGrad, maximize) is refused before anything
@@ -451,11 +440,13 @@ class CAGEAdamW(Optimizer):
                 # advance exactly as if it had been taken (knowing better would need a sync)
                 s["step"] += 1
             backend = group_backend(group, self.backend)
-            # traced, "auto" takes the torch formulation: the compiler fuses it without a break
-            if (_backend.resolve(backend, local_tensor(params[0]).device, "CAGEAdamW") == "triton"
-                    and not (traced and backend == "auto")):
-                fused_step = _fused_group_step_untraced if traced else _fused_group_step
-                fused_step(group, params, states, self.lambda_at, found_inf)
+            # A traced step takes the torch formulation whatever the backend: the kernel launch
+            # takes the step count and lambda_t as host scalars (a break and a recompile per
+            # step), while the compiler fuses the torch formulation itself.
+            if not traced and _backend.resolve(backend, local_tensor(params[0]).device, "CAGEAdamW") == "triton":
+                from . import kernel_ops  # deferred: Triton is optional
+
+                kernel_ops.adamw_cage_step_group(group, params, states, self.lambda_at, found_inf)
             else:
                 # Rows are whole on every process (checked at construction), so FSDP2's
                 # sharded parameters are updated shard by shard, in place, through local views.
