@@ -501,7 +501,7 @@ class CAGEAdamW(Optimizer):
                 _check_group(candidate, self.backend)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"CAGEAdamW.load_state_dict: param group {index}: {err}") from None
-            saved["quant"] = candidate["quant"]
+            saved["quant"], saved["betas"] = candidate["quant"], candidate["betas"]
         return groups
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -136,6 +136,21 @@ def test_an_invalid_or_mismatched_state_dict_is_refused_before_any_change():
     assert_unchanged(opt, before)
 
 
+def test_a_cage_state_dict_from_before_the_torch_keywords_loads():
+    model = small_model()
+    opt = CAGEAdamW(model, total_steps=10)
+    train_steps(model, opt, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    for g in sd["param_groups"]:
+        for key in ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"):
+            del g[key]
+    resumed = CAGEAdamW(model, total_steps=10, fused=False)
+    resumed.load_state_dict(sd)
+    assert [g["fused"] for g in resumed.param_groups] == [False] * 3  # this optimizer's choice
+    assert resumed.param_groups[0]["quant"] == Q4
+    train_steps(model, resumed, 1)
+
+
 # ---- a model as params, and the warning when nothing is quantized ------------------------
 
 
@@ -310,7 +325,8 @@ def test_non_finite_or_non_number_hyperparameters_are_refused(name, value):
 
 def compile_setup(coupling, schedule, check_finite):
     gen = torch.Generator().manual_seed(0)
-    quantized = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(8, 64), (4, 96)]]
+    quantized = [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s, dtype in
+                 [((8, 64), torch.float32), ((4, 96), torch.float32), ((4, 64), torch.bfloat16)]]
     plain = [nn.Parameter(torch.randn(16, generator=gen))]
     opt = CAGEAdamW([{"params": quantized, "quant": Q4}, {"params": plain, "weight_decay": 0.0}],
                     lr=1e-2, weight_decay=0.1, total_steps=6, silence_ratio=0.3, coupling=coupling,
@@ -332,14 +348,14 @@ def test_compiled_step_is_one_graph_compiled_once_and_matches_the_eager_step(cou
     gen = torch.Generator().manual_seed(1)
     for _ in range(6):  # silence, then the ramp: lambda_t changes without a recompile
         for p, r in zip(params, ref_params):
-            p.grad = torch.randn(p.shape, generator=gen)
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
             r.grad = p.grad.clone()
         step()
         ref.step()
     # the first step creates the state, every later one reuses the second graph
     assert counters["stats"]["unique_graphs"] == 2
     for p, r in zip(params, ref_params):
-        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, r, **({} if p.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)))
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[r]["exp_avg_sq"])
         assert opt.state[p]["step"].item() == 6
 
