@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backend as _backend
 from .config import QuantConfig
 from .functional import fake_quantize
 
@@ -30,6 +31,7 @@ class QATLinear(nn.Linear):
         device=None,
         dtype=None,
     ):
+        _backend.check_backend_name(backend, "QATLinear")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         for name, cfg in (("weight_quant", weight_quant), ("act_quant", act_quant)):
             if cfg is not None and not isinstance(cfg, QuantConfig):
@@ -100,15 +102,44 @@ def prepare_qat(
         for name, module in model.named_modules()
         if type(module) is nn.Linear and not should_skip(name, module)
     ]
+    # Every replacement is built (and so validated) before the first swap: a layer that
+    # fails leaves the model exactly as it was, not half converted.
+    replacements = []
     for name, linear in targets:
         try:
             new = QATLinear.from_linear(linear, weight_quant=weight, act_quant=activation, backend=backend)
-        except ValueError as err:
-            raise ValueError(f"prepare_qat: layer {name!r}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"prepare_qat: layer {name!r}: {err}") from None
+        replacements.append((name, new))
+    for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
     return model
+
+
+def quantized_weights(model: nn.Module) -> dict[int, tuple[nn.Parameter, QuantConfig]]:
+    """``id(weight) -> (weight, QuantConfig)`` for every QATLinear weight of ``model`` that
+    is quantized, each Parameter once (a weight tied between layers is one entry).
+
+    A Parameter shared by two layers with different weight QuantConfigs is an error: CAGE
+    would have to pull it towards two grids at once.
+    """
+    found: dict[int, tuple[nn.Parameter, QuantConfig]] = {}
+    owner: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if not (isinstance(module, QATLinear) and module.weight_quant is not None):
+            continue
+        w, cfg = module.weight, module.weight_quant
+        if id(w) in found and found[id(w)][1] != cfg:
+            raise ValueError(
+                f"tied weights: the weight of {name!r} is tied to the weight of {owner[id(w)]!r} "
+                f"but their weight_quant differ ({cfg} vs {found[id(w)][1]}); a shared weight "
+                "needs one QuantConfig"
+            )
+        found.setdefault(id(w), (w, cfg))
+        owner.setdefault(id(w), name)
+    return found
 
 
 def qat_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -117,13 +148,12 @@ def qat_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     One group per distinct weight QuantConfig (the quantized linear weights, with
     ``"quant"`` set so CAGE applies to them), one for the other matrices (decayed) and
     one for vectors such as norms and biases (no decay). Empty groups are left out.
+    Every Parameter is listed once, tied weights included.
     """
     quantized: dict[QuantConfig, list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, QATLinear) and module.weight_quant is not None:
-            quantized.setdefault(module.weight_quant, []).append(module.weight)
-            seen.add(id(module.weight))
+    for w, cfg in quantized_weights(model).values():
+        quantized.setdefault(cfg, []).append(w)
+    seen = {id(w) for ws in quantized.values() for w in ws}
     decay, no_decay = [], []
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
+import warnings
 from itertools import chain
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from . import backend as _backend
 from . import naive
 from .config import QuantConfig
+from .linear import qat_param_groups
 
 SCHEDULES = ("linear_ramp", "constant")
 COUPLINGS = ("decoupled", "coupled")
@@ -18,10 +23,40 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 # check_finite values: None = "auto" (raise for CPU gradients, skip on a GPU), True = "raise"
 # (a host check: a sync on a GPU), "skip" (a device flag, no sync), False = "off".
 CHECK_MODES = {None: "auto", True: "raise", "raise": "raise", "skip": "skip", False: "off"}
+# The group options CAGE adds to AdamW's: a torch.optim.AdamW state dict lacks them.
+CAGE_KEYS = ("total_steps", "cage_lambda", "silence_ratio", "schedule", "coupling", "quant")
+# torch.optim.AdamW's implementation switches, recorded in every group as torch does. They
+# choose how a step runs, not what it computes: a loaded state dict keeps this optimizer's.
+IMPLEMENTATION_KEYS = ("foreach", "capturable", "differentiable", "fused")
+# torch.optim.AdamW options -> (the values CAGEAdamW accepts, why the others are refused).
+TORCH_OPTIONS = {
+    "amsgrad": ((False,), "CAGE's update uses Adam's second moment v; AMSGrad's running max of v "
+                          "is not implemented"),
+    "maximize": ((False,), "CAGE minimizes the loss plus its pull towards the quantization grid; "
+                           "negate the loss to maximize it"),
+    "foreach": ((None, False), "there is no multi-tensor torch path; the multi-tensor step is the "
+                               "fused Triton kernel (fused=True, i.e. backend='triton')"),
+    "capturable": ((False,), "the step count and lambda_t are host values (the fused kernel takes "
+                             "them as scalars), so the step cannot be captured in a CUDA graph"),
+    "differentiable": ((False,), "the step runs under torch.no_grad; differentiating through it is "
+                                 "not supported"),
+    "fused": ((None, True, False), ""),
+}
+# fused -> the backend it means; None leaves the choice to ``backend``.
+FUSED_BACKEND = {True: "triton", False: "torch"}
 
 
-def cage_lambda_at(step: int, total_steps: int, cage_lambda: float, silence_ratio: float, schedule: str) -> float:
-    """lambda_t for the step numbered ``step`` (counted from 1) of ``total_steps``."""
+def cage_lambda_at(step, total_steps: int, cage_lambda: float, silence_ratio: float, schedule: str):
+    """lambda_t for the step numbered ``step`` (counted from 1) of ``total_steps``.
+
+    With a tensor ``step`` the result is a float64 tensor computed without a host value or
+    a branch on it, so that a traced ``step()`` needs neither a sync nor a recompile.
+    """
+    if isinstance(step, torch.Tensor):
+        r = step.to(torch.float64) / total_steps
+        if schedule == "constant":
+            return cage_lambda * (r > silence_ratio).to(torch.float64)
+        return cage_lambda * ((r - silence_ratio) / (1.0 - silence_ratio)).clamp(0.0, 1.0)
     r = step / total_steps
     if r <= silence_ratio:
         return 0.0
@@ -64,14 +99,43 @@ def _all_finite(g: torch.Tensor) -> bool:
     return bool(torch.isfinite(g.sum(dtype=torch.float32))) or bool(torch.isfinite(g).all())
 
 
-def reference_step(p, grad, state: dict, step: int, group: dict, cage_lambda: float,
-                   found_inf: torch.Tensor | None = None) -> None:
-    """The torch reference step of one (local) tensor, in place. With a device flag
-    ``found_inf``, the update is computed aside and kept only where the flag is 0."""
+def traced_adamw_cage_step(param, grad, exp_avg, exp_avg_sq, step: torch.Tensor, *, lr: float, beta1: float,
+                           beta2: float, eps: float, weight_decay: float, quant: QuantConfig | None,
+                           cage_lambda: torch.Tensor, coupling: str) -> None:
+    """``naive.adamw_cage_step`` with the step count and lambda_t as tensors: no host value
+    and no branch on one, so ``torch.compile`` traces it whole. The AdamW part is
+    ``torch.optim.AdamW``'s capturable formulation (``addcdiv_`` takes no tensor scale);
+    the correction is computed even while lambda_t is 0 (it then adds exactly 0).
+    """
+    work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
+    g = grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)
+    if quant is not None and coupling == "coupled":
+        g = g + cage_lambda * naive.quantization_error(work, quant)
+    if weight_decay != 0:
+        work.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size_neg = (lr / bias_correction1).neg()
+    denom = (exp_avg_sq.sqrt() / (bias_correction2.sqrt() * step_size_neg)).add_(eps / step_size_neg)
+    work.addcdiv_(exp_avg, denom)
+    if quant is not None and coupling == "decoupled":
+        work.sub_(naive.quantization_error(work, quant) * (lr * cage_lambda))
+    if work is not param:
+        param.copy_(work)
+
+
+def reference_step(p, grad, state: dict, step, group: dict, cage_lambda, found_inf: torch.Tensor | None = None) -> None:
+    """The torch reference step of one (local) tensor, in place. ``step`` and
+    ``cage_lambda`` are numbers (eager: bit-identical to torch.optim.AdamW at lambda 0) or
+    tensors (traced). With a device flag ``found_inf``, the update is computed aside and
+    kept only where the flag is 0."""
     beta1, beta2 = group["betas"]
     targets = (p, state["exp_avg"], state["exp_avg_sq"])
     work = [t.clone() for t in targets] if found_inf is not None else targets
-    naive.adamw_cage_step(
+    update = traced_adamw_cage_step if isinstance(step, torch.Tensor) else naive.adamw_cage_step
+    update(
         work[0], grad, work[1], work[2], step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
         weight_decay=group["weight_decay"], quant=group["quant"], cage_lambda=cage_lambda,
         coupling=group["coupling"],
@@ -87,30 +151,56 @@ def moment_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.promote_types(param.dtype, torch.float32)
 
 
-def _check_group(group: dict) -> None:
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def group_backend(group: dict, backend: str) -> str:
+    """The backend name a group steps with: its ``fused`` option, else the optimizer's."""
+    return FUSED_BACKEND.get(group["fused"], backend)
+
+
+def _check_torch_options(options: dict, backend: str) -> None:
+    for name, (accepted, why) in TORCH_OPTIONS.items():
+        value = options[name]
+        if not any(value is ok for ok in accepted):
+            if isinstance(value, bool) and why:
+                raise ValueError(f"CAGEAdamW: {name}={value} is not supported: {why}")
+            raise ValueError(f"CAGEAdamW: {name} must be one of {accepted}, got {value!r}")
+    fused = options["fused"]
+    if fused is not None and backend != "auto" and FUSED_BACKEND[fused] != backend:
+        raise ValueError(
+            f"CAGEAdamW: fused={fused} means backend={FUSED_BACKEND[fused]!r} but backend={backend!r} "
+            "was given; pass one of them (fused=True is the fused Triton step, fused=False the torch one)"
+        )
+
+
+def _check_group(group: dict, backend: str) -> None:
     def bad(name, accepted):
         return ValueError(f"CAGEAdamW: {name} must be {accepted}, got {group[name]!r}")
 
-    if not 0.0 <= group["lr"]:
-        raise bad("lr", ">= 0")
-    b1, b2 = group["betas"]
-    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise bad("betas", "a pair in [0, 1)")
-    if not 0.0 <= group["eps"]:
-        raise bad("eps", ">= 0")
-    if not 0.0 <= group["weight_decay"]:
-        raise bad("weight_decay", ">= 0")
+    for name, accepted, ok in (
+        ("lr", ">= 0", lambda v: v >= 0),
+        ("eps", ">= 0", lambda v: v >= 0),
+        ("weight_decay", ">= 0", lambda v: v >= 0),
+        ("cage_lambda", ">= 0", lambda v: v >= 0),
+        ("silence_ratio", "in [0, 1)", lambda v: 0 <= v < 1),
+    ):
+        if not (_is_finite_number(group[name]) and ok(group[name])):
+            raise bad(name, f"{accepted} (a finite Python number)")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_is_finite_number(b) and 0 <= b < 1 for b in betas)):
+        raise bad("betas", "a pair in [0, 1) such as (0.9, 0.999)")
+    group["betas"] = tuple(betas)
     t = group["total_steps"]
     if isinstance(t, bool) or not isinstance(t, int) or t < 1:
         raise bad("total_steps", "a positive integer (the number of optimizer steps of the run)")
-    if not 0.0 <= group["cage_lambda"]:
-        raise bad("cage_lambda", ">= 0")
-    if not 0.0 <= group["silence_ratio"] < 1.0:
-        raise bad("silence_ratio", "in [0, 1)")
     if group["schedule"] not in SCHEDULES:
         raise bad("schedule", f"one of {SCHEDULES}")
     if group["coupling"] not in COUPLINGS:
         raise bad("coupling", f"one of {COUPLINGS}")
+    _check_torch_options(group, backend)
     quant = group["quant"]
     if isinstance(quant, dict):
         group["quant"] = quant = QuantConfig.from_dict(quant)
@@ -132,8 +222,27 @@ def _check_group(group: dict) -> None:
                 raise ValueError(f"CAGEAdamW: parameter {i} of shape {tuple(p.shape)}: {err}") from None
 
 
+def _check_no_duplicates(params: list) -> None:
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        tensor = p[1] if isinstance(p, tuple) else p  # (name, tensor) pairs
+        if id(tensor) in seen:
+            raise ValueError(
+                f"CAGEAdamW: parameters {seen[id(tensor)]} and {i} of a group are the same tensor "
+                f"(shape {tuple(tensor.shape)}; a tied weight?); it would be stepped twice per step: list it once"
+            )
+        seen[id(tensor)] = i
+
+
 class CAGEAdamW(Optimizer):
     """AdamW with the CAGE correction for parameter groups that carry ``"quant"``.
+
+    ``params`` is what ``torch.optim.AdamW`` takes, or the prepared model itself
+    (``CAGEAdamW(model, ...)``, or :meth:`from_model`): its groups are then
+    :func:`cage.qat_param_groups` ``(model, weight_decay)``, the quantized linear weights
+    carrying their ``QuantConfig``. Anonymous parameters (``model.parameters()``) carry
+    none: such an optimizer is plain AdamW, and it says so with a ``UserWarning`` when
+    ``cage_lambda > 0`` (pass ``cage_lambda=0`` for a deliberate AdamW).
 
     Every parameter gets ``torch.optim.AdamW``'s update (same state keys ``step``,
     ``exp_avg``, ``exp_avg_sq``). Parameters of a group whose ``"quant"`` is a
@@ -153,6 +262,25 @@ class CAGEAdamW(Optimizer):
     ``"raise"``/``True`` raises everywhere (a sync on a GPU), ``"skip"`` skips everywhere,
     ``False`` checks nothing. A skipped step still advances the step count and with it
     the bias corrections and the lambda schedule.
+
+    torch.optim.AdamW's options are accepted where they mean something here and recorded
+    in every group: ``amsgrad=False``, ``maximize=False``, ``foreach=None/False``,
+    ``capturable=False``, ``differentiable=False``, and ``fused``: ``True`` is the fused
+    Triton step (``backend="triton"``), ``False`` the torch one, ``None`` leaves it to
+    ``backend``. Their other values raise ``ValueError`` saying why.
+
+    ``torch.compile(opt.step)``: the traced step is the torch formulation with the step
+    count and lambda_t as tensors, whatever ``backend``/``fused`` say (they choose the eager
+    implementation; the hand-written kernel takes host scalars). It is one graph without
+    a break (``fullgraph=True`` works), compiled once for the first step and once for the
+    others, as long as nothing is checked on the host: use ``check_finite="skip"`` or
+    ``False`` on a CPU (the GPU default is already "skip"). It computes ``Q(w)`` every
+    step, also while lambda_t is 0. A Python-float ``lr`` changed by a scheduler
+    recompiles the step, as for torch's own optimizers.
+
+    A state dict of ``torch.optim.AdamW`` loads (the CAGE options then come from the
+    constructor); one it cannot continue (AMSGrad, maximize) is refused before anything
+    changes.
     """
 
     def __init__(
@@ -162,6 +290,7 @@ class CAGEAdamW(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
         total_steps: int,
         cage_lambda: float = 10.0,
@@ -170,6 +299,11 @@ class CAGEAdamW(Optimizer):
         coupling: str = "decoupled",
         backend: str = "auto",
         check_finite: bool | str | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ):
         _backend.check_backend_name(backend, "CAGEAdamW")
         if not any(check_finite is mode or (isinstance(check_finite, str) and check_finite == mode)
@@ -177,22 +311,54 @@ class CAGEAdamW(Optimizer):
             raise ValueError(
                 f"CAGEAdamW: check_finite must be None, True, False, 'raise' or 'skip', got {check_finite!r}"
             )
+        torch_options = dict(amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
+                             differentiable=differentiable, fused=fused)
+        _check_torch_options(torch_options, backend)
         self.backend = backend
         self.check_finite = check_finite
         self.found_inf: torch.Tensor | None = None  # the last step's device flag ("skip" mode)
         self._skipped_steps: torch.Tensor | None = None
+        if isinstance(params, nn.Module):
+            params = qat_param_groups(params, weight_decay)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, total_steps=total_steps,
-            cage_lambda=cage_lambda, silence_ratio=silence_ratio, schedule=schedule,
-            coupling=coupling, quant=None,
+            lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
+            weight_decay=weight_decay, total_steps=total_steps, cage_lambda=cage_lambda,
+            silence_ratio=silence_ratio, schedule=schedule, coupling=coupling, quant=None, **torch_options,
         )
         super().__init__(params, defaults)
+        if not any(g["quant"] is not None for g in self.param_groups) and any(
+            g["cage_lambda"] > 0 for g in self.param_groups
+        ):
+            warnings.warn(
+                "CAGEAdamW: no parameter group has 'quant', so CAGE corrects nothing and this is plain "
+                "AdamW. Pass the prepared model itself: CAGEAdamW(model, ...) or CAGEAdamW.from_model(model, "
+                "...) (with transformers' Trainer: optimizer_cls_and_kwargs=(CAGEAdamW, {'model': model, "
+                "...})), or groups from cage.qat_param_groups(model, weight_decay); pass cage_lambda=0 "
+                "for a deliberate AdamW",
+                UserWarning, stacklevel=2,
+            )
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **options) -> "CAGEAdamW":
+        """``CAGEAdamW(model, **options)``: the groups of ``cage.qat_param_groups(model,
+        weight_decay)``, so every quantized linear weight gets the CAGE correction."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"CAGEAdamW.from_model: model must be a torch.nn.Module, got {type(model).__name__}")
+        return cls(model, **options)
 
     def add_param_group(self, param_group: dict) -> None:
+        # Validated before it is kept: a group that fails leaves the optimizer unchanged.
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (torch.Tensor, set, type(None))):
+            param_group["params"] = list(param_group["params"])  # an iterator is read once
+            _check_no_duplicates(param_group["params"])
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
+        try:
+            _check_group(self.param_groups[-1], self.backend)
+        except Exception:
+            self.param_groups.pop()
+            raise
 
-    def lambda_at(self, step: int, group: dict | None = None) -> float:
+    def lambda_at(self, step, group: dict | None = None):
         g = group if group is not None else self.param_groups[0]
         return cage_lambda_at(step, g["total_steps"], g["cage_lambda"], g["silence_ratio"], g["schedule"])
 
@@ -263,6 +429,7 @@ class CAGEAdamW(Optimizer):
                 loss = closure()
         self._check_grads()
         found_inf = self._found_inf()
+        traced = torch.compiler.is_compiling()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -272,7 +439,11 @@ class CAGEAdamW(Optimizer):
                 # a skipped step counts too: the count, the bias corrections and lambda_t
                 # advance exactly as if it had been taken (knowing better would need a sync)
                 s["step"] += 1
-            if _backend.resolve(self.backend, local_tensor(params[0]).device, "CAGEAdamW") == "triton":
+            backend = group_backend(group, self.backend)
+            # A traced step takes the torch formulation whatever the backend: the kernel launch
+            # takes the step count and lambda_t as host scalars (a break and a recompile per
+            # step), while the compiler fuses the torch formulation itself.
+            if not traced and _backend.resolve(backend, local_tensor(params[0]).device, "CAGEAdamW") == "triton":
                 from . import kernel_ops  # deferred: Triton is optional
 
                 kernel_ops.adamw_cage_step_group(group, params, states, self.lambda_at, found_inf)
@@ -281,7 +452,8 @@ class CAGEAdamW(Optimizer):
                 # sharded parameters are updated shard by shard, in place, through local views.
                 for p, state in zip(params, states):
                     local_state = {k: local_tensor(v) for k, v in state.items()}
-                    step = int(local_state["step"].item())  # a CPU tensor: no device sync
+                    # eager: a CPU tensor read on the host (no device sync); traced: kept a tensor
+                    step = local_state["step"] if traced else int(local_state["step"].item())
                     reference_step(local_tensor(p), local_tensor(p.grad), local_state, step, group,
                                    self.lambda_at(step, group), found_inf)
         return loss
@@ -296,13 +468,51 @@ class CAGEAdamW(Optimizer):
                 g["quant"] = g["quant"].to_dict()
         return sd
 
+    def _loadable_groups(self, saved_groups: list) -> list:
+        """The saved groups as they will be loaded, every one validated against this
+        optimizer's parameters; raises before anything of this optimizer changes."""
+        sizes = [len(g["params"]) for g in self.param_groups]
+        saved_sizes = [len(g["params"]) for g in saved_groups]
+        if saved_sizes != sizes:
+            raise ValueError(
+                f"CAGEAdamW.load_state_dict: the state dict has parameter groups of sizes {saved_sizes}, "
+                f"this optimizer {sizes}; build it with the same groups"
+            )
+        groups = copy.deepcopy(saved_groups)
+        for index, (saved, current) in enumerate(zip(groups, self.param_groups)):
+            for name in ("amsgrad", "maximize"):
+                if saved.get(name, False):
+                    raise ValueError(
+                        f"CAGEAdamW.load_state_dict: param group {index} was saved with {name}=True, which "
+                        f"CAGEAdamW cannot continue: {TORCH_OPTIONS[name][1]}"
+                    )
+            # torch.optim.Adam's L2 penalty is not AdamW's decoupled decay
+            if saved.pop("decoupled_weight_decay", True) is False and saved.get("weight_decay", 0) != 0:
+                raise ValueError(
+                    f"CAGEAdamW.load_state_dict: param group {index} comes from torch.optim.Adam with "
+                    "weight_decay (an L2 penalty in the gradient); CAGEAdamW decays decoupled, as AdamW"
+                )
+            for key in CAGE_KEYS:  # absent from a torch.optim.AdamW state dict
+                saved.setdefault(key, current[key])
+            for key in (*IMPLEMENTATION_KEYS, "amsgrad", "maximize"):
+                saved[key] = current[key]
+            candidate = {**saved, "params": current["params"]}
+            try:
+                _check_group(candidate, self.backend)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"CAGEAdamW.load_state_dict: param group {index}: {err}") from None
+            saved["quant"], saved["betas"] = candidate["quant"], candidate["betas"]
+        return groups
+
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        state_dict["param_groups"] = copy.deepcopy(state_dict["param_groups"])
-        for g in state_dict["param_groups"]:
-            if isinstance(g.get("quant"), dict):
-                g["quant"] = QuantConfig.from_dict(g["quant"])
         saved_state = state_dict["state"]
+        for pid, saved in saved_state.items():
+            if "max_exp_avg_sq" in saved:
+                raise ValueError(
+                    f"CAGEAdamW.load_state_dict: the state of parameter {pid} has max_exp_avg_sq (saved "
+                    f"with amsgrad=True), which CAGEAdamW cannot continue: {TORCH_OPTIONS['amsgrad'][1]}"
+                )
+        state_dict = {**state_dict, "param_groups": self._loadable_groups(state_dict["param_groups"])}
         super().load_state_dict(state_dict)
         id_to_param = dict(
             zip(
@@ -315,5 +525,5 @@ class CAGEAdamW(Optimizer):
             for key in MOMENT_KEYS:
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=moment_dtype(p), copy=True)
-        for group in self.param_groups:
-            _check_group(group)
+            if "step" in saved:  # on the CPU whatever torch's rules for fused/capturable say
+                self.state[p]["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to("cpu", copy=True)
