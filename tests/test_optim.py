@@ -226,7 +226,7 @@ def test_load_state_dict_into_torch_adamw_shaped_state():
 
 def test_closure_and_no_grad_params():
     model = small_model()
-    opt = CAGEAdamW(model.parameters(), total_steps=5)
+    opt = CAGEAdamW(model.parameters(), total_steps=5, cage_lambda=0.0)
     x = torch.randn(4, 64)
 
     def closure():
