@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -146,7 +147,9 @@ def restore_weights(out: Path, ckpt: dict, model, optimizer, parallel) -> None:
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(out / DCP_DIR / ckpt["dcp"]), no_dist=not parallel.distributed)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(out / DCP_DIR / ckpt["dcp"]), no_dist=not parallel.distributed)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     elif parallel.distributed:
         raise ValueError(

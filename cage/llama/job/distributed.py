@@ -128,8 +128,13 @@ class Parallel:
         if self.distributed and self.world > 1:
             _dist().barrier(group=self.flag_group)
 
-    def close(self) -> None:
-        if self.owns_group:
+    def close(self, clean: bool = True) -> None:
+        """End the process group this job started. ``clean``: every process got here (after
+        an error, another process may never arrive, so that waits for none and ends nothing)."""
+        if self.owns_group and clean:
+            # every process done with every collective before the group goes: gloo aborts the
+            # process ("terminate called without an active exception") when it goes mid-way
+            _dist().barrier()
             _dist().destroy_process_group()
 
 
@@ -191,7 +196,7 @@ def setup(cfg: TrainConfig) -> tuple[Parallel, torch.device]:
     try:
         check_batch_layout(cfg, world)
     except ValueError:
-        par.close()
+        par.close()  # every process raises it
         raise
     return par, device
 

@@ -99,9 +99,15 @@ def train(cfg: TrainConfig) -> dict:
         par, device = setup(cfg)
         try:
             with stop_on_signals() as stop_request:
-                return _train(cfg, par, device, stop_request)
-        finally:
-            par.close()
+                result = _train(cfg, par, device, stop_request)
+        except TrainingInterrupted:
+            par.close()  # every process stops at the same step
+            raise
+        except BaseException:
+            par.close(clean=False)
+            raise
+        par.close()
+        return result
     finally:
         torch.set_num_threads(threads_before)
 
