@@ -54,6 +54,7 @@ def save_plot(path: Path, history: dict, title: str, lambda_on_step: float | Non
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import ScalarFormatter
     except ImportError:
         return False
     fig = Figure(figsize=(11, 4.5))
@@ -61,6 +62,8 @@ def save_plot(path: Path, history: dict, title: str, lambda_on_step: float | Non
     whole, zoom = fig.subplots(1, 2)
     _draw(whole, history, lambda_on_step)
     whole.set_yscale("log")
+    whole.yaxis.set_major_formatter(ScalarFormatter())
+    whole.yaxis.set_minor_formatter(ScalarFormatter())
     whole.set_ylabel("cross-entropy (nats / byte)")
     whole.set_title(title)
     whole.legend()
@@ -71,7 +74,7 @@ def save_plot(path: Path, history: dict, title: str, lambda_on_step: float | Non
         lo, hi = min(drawn), max(drawn)
         pad = 0.05 * (hi - lo) or 0.01
         zoom.set_ylim(lo - pad, hi + pad)
-    zoom.set_xlim(start * 0.95, max(total, start + 1))
+    zoom.set_xlim(start * 0.95, max(total, start + 1) + 0.02 * total)
     zoom.set_title("from lambda on" if lambda_on_step is not None else "last quarter")
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
