@@ -36,6 +36,8 @@ def cli_args(**kw) -> list[str]:
     for k, v in kw.items():
         if k == "verbose":
             args += [] if v else ["--quiet"]
+        elif v is None:  # a flag
+            args.append(f"--{k}")
         else:
             args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -110,6 +112,14 @@ def test_fsdp2_stopped_run_resumes_on_one_process(tmp_path, one_process):
     assert m["completed"] and "parallel" not in m
     assert_same_run(out, one_process)
     assert (out / CHECKPOINT).is_file() and not (out / DCP_DIR).exists()  # one checkpoint, one format
+
+
+def test_one_process_checkpoint_resumes_under_fsdp2(tmp_path, one_process):
+    out = tmp_path / "1to2"
+    train(TrainConfig(out=str(out), stop_after=3, **RUN))
+    torchrun(out, parallel="fsdp2", resume=None)
+    assert_same_run(out, one_process)
+    assert (out / DCP_DIR / DCP_STATE).is_file() and not (out / CHECKPOINT).exists()
 
 
 def test_gradient_accumulation_in_one_process_matches(tmp_path, one_process):

@@ -152,13 +152,31 @@ def restore_weights(out: Path, ckpt: dict, model, optimizer, parallel) -> None:
             dcp.load(state, checkpoint_id=str(out / DCP_DIR / ckpt["dcp"]), no_dist=not parallel.distributed)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     elif parallel.distributed:
-        raise ValueError(
-            f"--resume --parallel {parallel.mode}: {out / CHECKPOINT} was written by one process; resume it "
-            "with --parallel none (a run started under torchrun resumes on any number of processes)"
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        # every process read the whole file: hand its full tensors over, each keeps its shards
+        set_state_dict(
+            model, optimizer, model_state_dict=ckpt["model"],
+            optim_state_dict=_optimizer_state_by_name(ckpt["optimizer"], optimizer, parallel.unwrapped(model)),
+            options=StateDictOptions(full_state_dict=True),
         )
     else:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+
+def _optimizer_state_by_name(saved: dict, optimizer, model) -> dict:
+    """``optimizer.state_dict()`` of a one-process run (keyed by position) keyed by parameter
+    name instead, as ``set_state_dict`` takes it; positions follow this ``optimizer``'s groups."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    positions = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(positions) != len(names):
+        raise ValueError(f"--resume: the checkpoint's optimizer holds {len(positions)} parameters, the model {len(names)}")
+    by_position = dict(zip(positions, names))
+    return {
+        "state": {by_position[i]: state for i, state in saved["state"].items()},
+        "param_groups": [{**g, "params": [by_position[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
 
 def load_model_state(out: Path) -> dict | None:
     """The model weights of ``out``'s checkpoint as full tensors keyed like
