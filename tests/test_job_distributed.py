@@ -11,6 +11,7 @@ micro-batches of 2, as DDP with grad_accum 2 runs here; 1e-2 with 1).
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -155,3 +156,29 @@ def test_micro_batches_are_the_ranks_slices_of_the_global_batch():
     assert all(torch.equal(yb, xb + 100) for p in parts for xb, yb in p)
     single = dist_mod.Parallel().micro_batches(x, x, 1)
     assert single[0][0] is x  # one process, one micro-batch: the batch itself, as before
+
+
+def test_sigint_to_torchrun_checkpoints_every_process_at_the_same_step(tmp_path):
+    # torchrun passes the signal to its workers; they agree on the step, checkpoint it and
+    # print how to resume (torchrun itself then exits 1 with its own SignalException)
+    out = tmp_path / "int"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(free_port()), "-m", "cage", "train", "--preset", "tiny", "--steps", "5000", "--batch-size", "4",
+           "--seq-len", "32", "--log-every", "1", "--eval-every", "5000", "--eval-batches", "1",
+           "--threads", "1", "--parallel", "ddp", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/"):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    step = torch.load(out / DCP_DIR / DCP_STATE, weights_only=True)["step"]
+    logged = [int(line.split()[1].split("/")[0]) for line in rest.splitlines() if line.startswith("step ")]
+    assert step == max(logged, default=3) >= 3, rest
+    assert f"SIGINT: stopped after step {step} of 5000 and checkpointed it" in rest
+    assert f"torchrun --nproc-per-node 2 -m cage train --resume --parallel ddp --out {out}" in rest
+    assert json.loads((out / "metrics.json").read_text())["step"] == step
