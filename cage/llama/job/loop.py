@@ -150,21 +150,11 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
     if out is not None and par.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    if cfg.resume and step >= cfg.steps:
-        done = _completed_metrics(ckpt, out)
-        if done is not None:
-            if par.is_main:
-                _write_metrics(out, done)
-            log(f"the run in {out} is already complete ({step} steps); nothing to do", flush=True)
-            return done
-        # a checkpoint of the last step without its metrics (older format): evaluate below
-
     corpus_info = corpus.describe()  # hashes the corpus once
     env = environment(device)
     prior_wall_time = history["wall_time_s"]  # of earlier sessions of this run
     # per step, kept on the device until a flush: (step, lr, lambda_t, loss, grad norm)
     pending: list[tuple[int, float, float, torch.Tensor, torch.Tensor]] = []
-    records = TrainRecords(out if par.is_main else None, step if cfg.resume else None)
     n_params = count_params(core)
     n_quantized = sum(p.numel() for g in optimizer.param_groups if g["quant"] is not None for p in g["params"])
     stop = min(cfg.steps, cfg.stop_after or cfg.steps)
@@ -185,6 +175,16 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
         + (f", resuming at step {step}" if cfg.resume else ""),
         flush=True,
     )
+
+    if cfg.resume and step >= cfg.steps:
+        done = _completed_metrics(ckpt, out)
+        if done is not None:
+            if par.is_main:
+                _write_metrics(out, done)
+            log(f"the run in {out} is already complete ({step} steps); nothing to do", flush=True)
+            return done
+        # a checkpoint of the last step without its metrics (older format): evaluate below
+    records = TrainRecords(out if par.is_main else None, step if cfg.resume else None)
 
     def draw_plot():
         if out is None or not par.is_main:
