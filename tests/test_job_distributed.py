@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cage.llama import cli
 from cage.llama.job import TrainConfig, build_model, train
 from cage.llama.job import distributed as dist_mod
 from cage.llama.job.checkpoint import CHECKPOINT, DCP_DIR, DCP_STATE, load_model_state
@@ -108,9 +109,10 @@ def test_fsdp2_stopped_run_resumes_on_one_process(tmp_path, one_process):
     # 5 FSDP2 steps already track the one-process run
     torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(train_losses(one_process)[:5]),
                                rtol=RTOL, atol=0)
-    # then 2 -> 1: a plain process loads the DCP checkpoint and finishes the run
-    m = train(TrainConfig(out=str(out), resume=True, **RUN))
-    assert m["completed"] and "parallel" not in m
+    # then 2 -> 1: a plain `python -m cage train --resume` (its parallel mode is this session's,
+    # none, not the checkpoint's) loads the DCP checkpoint and finishes the run
+    assert cli.main(["train", "--resume", "--quiet", "--out", str(out)]) == 0
+    assert "parallel" not in json.loads((out / "metrics.json").read_text())
     assert_same_run(out, one_process)
     assert (out / CHECKPOINT).is_file() and not (out / DCP_DIR).exists()  # one checkpoint, one format
 

@@ -55,17 +55,12 @@ class Parallel:
         """This process's ``grad_accum`` micro-batches of a global batch (x, y)."""
         if self.world == 1 and grad_accum == 1:
             return [(x, y)]
-        per_rank = x.shape[0] // self.world
-        x, y = x[self.rank * per_rank : (self.rank + 1) * per_rank], y[self.rank * per_rank : (self.rank + 1) * per_rank]
-        size = per_rank // grad_accum
-        return [(x[i * size : (i + 1) * size], y[i * size : (i + 1) * size]) for i in range(grad_accum)]
+        x, y = _part(x, self.rank, self.world), _part(y, self.rank, self.world)
+        return [(_part(x, i, grad_accum), _part(y, i, grad_accum)) for i in range(grad_accum)]
 
     def eval_slice(self, x: torch.Tensor, y: torch.Tensor):
         """This process's share of an evaluation batch."""
-        if self.world == 1:
-            return x, y
-        n = x.shape[0] // self.world
-        return x[self.rank * n : (self.rank + 1) * n], y[self.rank * n : (self.rank + 1) * n]
+        return (x, y) if self.world == 1 else (_part(x, self.rank, self.world), _part(y, self.rank, self.world))
 
     # ---- model
 
@@ -85,9 +80,9 @@ class Parallel:
             fully_shard(model, mesh=mesh)
         return model
 
-    @staticmethod
-    def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-        return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    def unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The Llama inside what ``wrap`` returned."""
+        return model.module if self.mode == "ddp" else model
 
     def gradient_sync(self, model, last: bool):
         """Context of one micro-batch's forward and backward: gradients are reduced across the
@@ -136,6 +131,12 @@ class Parallel:
             # process ("terminate called without an active exception") when it goes mid-way
             _dist().barrier()
             _dist().destroy_process_group()
+
+
+def _part(t: torch.Tensor, index: int, parts: int) -> torch.Tensor:
+    """Part ``index`` of ``parts`` equal parts of ``t`` along the batch dimension."""
+    n = t.shape[0] // parts
+    return t[index * n : (index + 1) * n]
 
 
 def _env_world_size() -> int:
