@@ -4,6 +4,7 @@ events, the loss plot; completion as one fact; a checkpoint on SIGINT/SIGTERM.""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,14 +50,18 @@ def test_train_log_csv_has_a_row_per_step(whole):
     assert m["completed"]
 
 
-def test_tensorboard_events_when_installed(whole):
+def test_tensorboard_events_when_installed(whole, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out, m = whole
+    # a fresh run into a folder that holds another run's events hides those
+    out = tmp_path / "again"
+    shutil.copytree(whole[0] / "tensorboard", out / "tensorboard")
+    m = train(TrainConfig(out=str(out), **{**RUN, "seed": 1}))
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([float(r["loss"]) for r in rows(out)])
     assert [e.step for e in events.Scalars("train/weight_grid_distance")] == [2, 4, 6, 8]
     assert [(e.step, e.value) for e in events.Scalars("eval/test_loss")] == [(8, pytest.approx(m["final_test_loss"]))]
 

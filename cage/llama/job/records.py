@@ -64,9 +64,10 @@ class TrainRecords:
         if tensorboard_available():
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step hides the events of steps after the checkpoint from an earlier session
+            # purge_step hides the events of earlier sessions from that step on: those after the
+            # checkpoint of a resumed run, all of them for a fresh run in the same folder
             self.tensorboard = SummaryWriter(
-                str(out / TENSORBOARD_DIR), purge_step=None if resume_step is None else resume_step + 1
+                str(out / TENSORBOARD_DIR), purge_step=0 if resume_step is None else resume_step + 1
             )
 
     def write_rows(self, rows: list[dict]) -> None:
