@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from ...optim import COUPLINGS, SCHEDULES
 from ..data import SPLITS
 from ..model import PRESETS
 from .checkpoint import checkpoint_config
-from .config import (CPU_PRESET_LR, FULL_PRECISION_BITS, MAX_AUTO_BLOCK_SIZE, METHODS, RESUME_AND_OVERWRITE,
-                     ROTATED_METHODS, TrainConfig, default_out_dir)
+from .config import (CPU_PRESET_LR, FULL_PRECISION_BITS, MAX_AUTO_BLOCK_SIZE, METHODS, PARALLEL_MODES,
+                     RESUME_AND_OVERWRITE, ROTATED_METHODS, TrainConfig, default_out_dir)
 from .loop import train
 from .machine import DEVICES
-from .outdir import RUN_OUTPUTS, check_out_dir, clear_run_outputs
+from .outdir import RUN_OUTPUTS
+from .signals import TrainingInterrupted
 
 # Every option defaults to "not given" (argparse.SUPPRESS): the defaults live in TrainConfig
 # alone, and on --resume the options not given come from the checkpoint's config.
@@ -60,8 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--n-heads", type=int, help="attention heads (overrides the preset's)")
     g = p.add_argument_group("how it is trained")
     opt("--steps", type=int, help="optimizer steps of the schedule")
-    opt("--batch-size", type=int, help="sequences per step")
+    opt("--batch-size", type=int, help="sequences per optimizer step, over all processes and micro-batches")
     opt("--seq-len", type=int, help="tokens (bytes) per sequence")
+    opt("--grad-accum", type=int, help="micro-batches per step in each process (--batch-size stays "
+        "the global batch and must be divisible by grad-accum x processes)")
     opt("--lr", type=float, help=f"peak learning rate (default: the preset's, {CPU_PRESET_LR:g} for CPU presets)")
     opt("--weight-decay", type=float, help="AdamW weight decay of matrices")
     opt("--grad-clip", type=float, help="largest gradient norm, > 0 (inf: no clipping)")
@@ -84,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--log-every", type=int, help="steps between progress lines, >= 1 (default: steps/20)")
     opt("--device", help=f"{DEVICES}")
     opt("--backend", choices=("auto", "torch", "triton"), help="quantizer/optimizer implementation")
+    opt("--parallel", choices=PARALLEL_MODES, help="data parallelism over the processes of `torchrun "
+        "--nproc-per-node N -m cage train ...`: ddp, or fsdp2 (sharded); a resumed run takes it from "
+        "this option, not from its checkpoint, and may use another number of processes")
     opt("--threads", type=int, help="CPU threads for torch, >= 1 (default: one per idle core, measured at "
         "the start; a resumed run keeps its first count, since results can depend on it)")
     opt("--quiet", dest="verbose", action="store_false", help="print only errors")
@@ -100,14 +107,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     out = given.get("out") or default_out_dir(TrainConfig(**given))
     # A resumed run keeps its checkpoint's settings; a stop_after of the earlier session does
     # not carry over (it would stop again at once).
-    base = dataclasses.replace(checkpoint_config(out), stop_after=None)
+    # Nor does its parallel mode: that says how this session is launched.
+    base = dataclasses.replace(checkpoint_config(out), stop_after=None, parallel=TrainConfig.parallel)
     return dataclasses.replace(base, **{**given, "out": out, "resume": True})
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    # every check before any work: a bad option costs no corpus load and writes nothing
-    cfg.validate()
-    check_out_dir(cfg)
-    clear_run_outputs(cfg)
-    train(cfg)
+    cfg.validate()  # train() checks again, but config_from_args may have read a checkpoint
+    try:
+        train(cfg)  # checks the options and --out before any work
+    except TrainingInterrupted as stopped:
+        if stopped.is_main:
+            print(f"cage train: {stopped}", file=sys.stderr, flush=True)
+        return stopped.exit_code
     return 0

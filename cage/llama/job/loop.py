@@ -13,12 +13,18 @@ a tenth of the peak. bf16 autocast on CUDA; fp32 on CPU, where bf16 autocast is 
 
 Evaluation: at intervals on ``eval_split`` (default ``val``) and at the end on both ``val`` and
 ``test`` (see ``cage.llama.data``: ``test`` is the held-out split to report, ``val`` the one to tune on).
+
+Under torchrun with ``--parallel ddp|fsdp2`` (``cage.llama.job.distributed``) every process
+trains its share of each global batch and only rank 0 writes files or prints. Outputs in
+``out``: the checkpoint (``cage.llama.job.checkpoint``), ``metrics.json``, ``loss.png`` (redrawn
+at every evaluation), ``train_log.csv`` and ``tensorboard/`` (``cage.llama.job.records``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -30,28 +36,43 @@ from ..data import SPLITS, TextData, load_corpus
 from ..model import count_params
 from .build import build_model, lr_at
 from .checkpoint import (CHECKPOINT, METRICS, PLOT, _atomic_write, _check_resume_config, _checkpoint_threads,
-                         load_checkpoint, save_checkpoint)
+                         restore_weights, resume_checkpoint, run_state, save_checkpoint,
+                         save_distributed_checkpoint)
 from .config import TrainConfig
+from .outdir import check_out_dir, clear_run_outputs
+from .distributed import Parallel, setup
 from .machine import autocast_context, choose_threads, environment, resolve_device
 from .plots import save_plot
+from .records import TrainRecords, weight_grid_distance
+from .signals import TrainingInterrupted, stop_on_signals
 
 
 @torch.no_grad()
-def evaluate(model, data: TextData, split: str, n_batches: int, batch_size: int, device, amp) -> float:
-    """Mean loss over the fixed evaluation windows of ``split``."""
+def evaluate(model, data: TextData, split: str, n_batches: int, batch_size: int, device, amp,
+             parallel: Parallel | None = None) -> float:
+    """Mean loss over the fixed evaluation windows of ``split`` (each process scores its share
+    of every batch, and the shares' mean is the one-process value)."""
+    par = parallel or Parallel()
     was_training = model.training
     model.eval()
     total = 0.0
     for x, y in data.eval_batches(split, n_batches, batch_size):
+        x, y = par.eval_slice(x, y)
         with amp:
             _, loss = model(x.to(device), y.to(device))
         total += loss.item()
     model.train(was_training)
+    if par.world > 1:
+        total = float(par.mean(torch.tensor(total, dtype=torch.float64, device=device)))
     return total / n_batches
 
 def _fmt_time(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+def _replicated(norm: torch.Tensor) -> torch.Tensor:
+    """The value of a gradient norm that FSDP2 returns as a DTensor."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training job; returns its metrics (also written to out/metrics.json).
@@ -60,8 +81,10 @@ def train(cfg: TrainConfig) -> dict:
     metrics with ``completed: False``; resuming then gives bit-identical results to an
     uninterrupted run (same batches, same optimizer state, same order of operations, same
     thread count). Raises FloatingPointError when a gradient is NaN/Inf (before that step is
-    taken). ``cfg.threads`` applies during the call only: torch's thread count is process-wide,
-    and a sweep or the tests run several jobs in one process.
+    taken). On SIGINT or SIGTERM it finishes the step, checkpoints and raises
+    ``TrainingInterrupted`` (its message says how to resume). ``cfg.threads`` applies during
+    the call only: torch's thread count is process-wide, and a sweep or the tests run several
+    jobs in one process.
     """
     threads_before = torch.get_num_threads()
     try:
@@ -73,15 +96,27 @@ def train(cfg: TrainConfig) -> dict:
             threads = choose_threads()
         if threads:
             torch.set_num_threads(threads)
-        return _train(cfg)
+        cfg.validate()
+        check_out_dir(cfg)  # before any work: a folder holding another run is refused
+        clear_run_outputs(cfg)
+        par, device = setup(cfg)
+        try:
+            with stop_on_signals() as stop_request:
+                result = _train(cfg, par, device, stop_request)
+        except TrainingInterrupted:
+            par.close()  # every process stops at the same step
+            raise
+        except BaseException:
+            par.close(clean=False)
+            raise
+        par.close()
+        return result
     finally:
         torch.set_num_threads(threads_before)
 
-def _train(cfg: TrainConfig) -> dict:
-    cfg.validate()
+def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) -> dict:
     session_start = time.perf_counter()
-    log = print if cfg.verbose else (lambda *a, **k: None)
-    device = resolve_device(cfg.device)
+    log = print if cfg.verbose and par.is_main else (lambda *a, **k: None)
     dtype_name, amp = autocast_context(cfg, device)
     out = Path(cfg.out) if cfg.out else None
     if cfg.resume and out is None:
@@ -89,57 +124,82 @@ def _train(cfg: TrainConfig) -> dict:
 
     corpus = load_corpus(cfg.data)
     data = TextData(corpus, cfg.seq_len, cfg.seed)
-    model, wq, aq = build_model(cfg, device)
+    core, wq, aq = build_model(cfg, device)
+    model = par.wrap(core, device)
     optimizer = CAGEAdamW(
-        qat_param_groups(model, cfg.weight_decay),
+        qat_param_groups(core, cfg.weight_decay),
         lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
         total_steps=cfg.steps, cage_lambda=cfg.optimizer_lambda, silence_ratio=cfg.silence_ratio,
         schedule=cfg.schedule, coupling=cfg.coupling, backend=cfg.backend,
     )
     history = {"evals": [], "train_loss": [], "wall_time_s": 0.0}
     step = 0
+    ckpt = None
+    committed = None  # the DCP folder of the checkpoint that counts
     if cfg.resume:
-        ckpt = load_checkpoint(out / CHECKPOINT)
+        ckpt = resume_checkpoint(out)
         _check_resume_config(ckpt["config"], cfg)
         if ckpt["corpus_sha256"] != corpus.sha256:
             raise ValueError(
                 f"--resume: the corpus changed since the checkpoint was written (sha256 "
                 f"{ckpt['corpus_sha256'][:12]}..., now {corpus.sha256[:12]}...); the run cannot continue"
             )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        restore_weights(out, ckpt, model, optimizer, par)
         data.load_state_dict(ckpt["data"])
         torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available() and not par.distributed:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        step, history = ckpt["step"], ckpt["history"]
-    if out is not None:
+        step, history, committed = ckpt["step"], ckpt["history"], ckpt.get("dcp")
+    if out is not None and par.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
     corpus_info = corpus.describe()  # hashes the corpus once
     env = environment(device)
     prior_wall_time = history["wall_time_s"]  # of earlier sessions of this run
-    pending: list[torch.Tensor] = []  # per-step losses not yet copied to the host
-    n_params = count_params(model)
+    # per step, kept on the device until a flush: (step, lr, lambda_t, loss, grad norm)
+    pending: list[tuple[int, float, float, torch.Tensor, torch.Tensor]] = []
+    n_params = count_params(core)
     n_quantized = sum(p.numel() for g in optimizer.param_groups if g["quant"] is not None for p in g["params"])
     stop = min(cfg.steps, cfg.stop_after or cfg.steps)
     eval_every = cfg.eval_every or max(1, cfg.steps // 4)
     log_every = cfg.log_every or max(1, cfg.steps // 20)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     quant_desc = "none" if wq is None and aq is None else f"weights {wq or 'unquantized'}, activations {aq or 'unquantized'}"
+    title = f"{cfg.method} {'' if cfg.method == 'bf16' else f'W{cfg.weight_bits}A{cfg.act_bits} '}{cfg.preset}"
+    lambda_on = cfg.silence_ratio * cfg.steps if cfg.optimizer_lambda > 0 else None
+    layout = "" if not par.distributed else f", {par.mode} over {par.world} processes"
     log(
         f"cage train: method {cfg.method} ({quant_desc}), lambda {cfg.optimizer_lambda:g}\n"
         f"  model {cfg.preset}: {n_params / 1e6:.2f}M params ({n_quantized / 1e6:.2f}M quantized), "
         f"corpus {corpus.source} ({corpus.tokens.numel() / 1e6:.2f}M bytes)\n"
-        f"  {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, peak lr {cfg.peak_lr:g}, "
-        f"device {device} ({dtype_name}, {torch.get_num_threads()} threads)"
+        f"  {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
+        + (f" ({cfg.grad_accum} micro-batches)" if cfg.grad_accum > 1 else "")
+        + f", peak lr {cfg.peak_lr:g}, device {device} ({dtype_name}, {torch.get_num_threads()} threads{layout})"
         + (f", resuming at step {step}" if cfg.resume else ""),
         flush=True,
     )
 
-    def evaluate_and_record(split):
-        loss = evaluate(model, data, split, cfg.eval_batches, cfg.batch_size, device, amp)
+    if cfg.resume and step >= cfg.steps:
+        done = _completed_metrics(ckpt, out)
+        if done is not None:
+            if par.is_main:
+                _write_metrics(out, done)
+            log(f"the run in {out} is already complete ({step} steps); nothing to do", flush=True)
+            return done
+        # a checkpoint of the last step without its metrics (older format): evaluate below
+    records = TrainRecords(out if par.is_main else None, step if cfg.resume else None)
+
+    def draw_plot():
+        if out is None or not par.is_main:
+            return None
+        return str(out / PLOT) if save_plot(out / PLOT, history, title, lambda_on, cfg.steps) else None
+
+    def evaluate_and_record(split, plot=True):
+        loss = evaluate(model, data, split, cfg.eval_batches, cfg.batch_size, device, amp, par)
         history["evals"].append({"step": step, "split": split, "loss": loss})
+        records.write_eval(step, split, loss)
+        if plot:
+            draw_plot()
         return loss
 
     def metrics(completed: bool, final: dict | None = None) -> dict:
@@ -152,9 +212,9 @@ def _train(cfg: TrainConfig) -> dict:
             "activation_quant": aq.to_dict() if aq else None,
             "cage_lambda": cfg.optimizer_lambda,
             "peak_lr": cfg.peak_lr,
-            "model": dataclasses.asdict(model.config),
+            "model": dataclasses.asdict(core.config),
             "params": n_params,
-            "params_non_embedding": count_params(model, non_embedding=True),
+            "params_non_embedding": count_params(core, non_embedding=True),
             "params_quantized": n_quantized,
             "corpus": corpus_info,
             "split_tokens": {k: int(v.numel()) for k, v in data.splits.items()},
@@ -164,87 +224,127 @@ def _train(cfg: TrainConfig) -> dict:
             "evals": history["evals"],
             "wall_time_s": prior_wall_time + (time.perf_counter() - session_start),
         }
+        if par.distributed:
+            m["parallel"] = {"mode": par.mode, "processes": par.world}
         if final:
             m.update(final)
         return m
 
-    def flush_train_losses():
-        if pending:
-            history["train_loss"].extend(torch.stack(pending).float().cpu().tolist())
-            pending.clear()
+    def flush(last_row: dict | None = None):
+        """Copy the pending per-step values to the host (one sync) and write their rows."""
+        if not pending:
+            return
+        losses = par.mean(torch.stack([p[3] for p in pending])).float().cpu().tolist()
+        history["train_loss"].extend(losses)
+        norms = torch.stack([_replicated(p[4]) for p in pending]).float().cpu().tolist()
+        rows = [
+            {"step": s, "loss": loss, "lr": lr, "lambda_t": lam, "grad_norm": norm}
+            for (s, lr, lam, _, _), loss, norm in zip(pending, losses, norms)
+        ]
+        if last_row:
+            rows[-1].update(last_row)
+        records.write_rows(rows)
+        pending.clear()
 
     def save(completed, final=None):
-        flush_train_losses()
+        nonlocal committed
+        flush()
         m = metrics(completed, final)
         if out is not None:
             # The checkpoint carries the wall time so far, so a resumed run keeps adding to it.
             history["wall_time_s"] = m["wall_time_s"]
-            save_checkpoint(out / CHECKPOINT, model, optimizer, data, step, cfg, history, corpus_info["sha256"])
-            _atomic_write(out / METRICS, lambda tmp: tmp.write_text(json.dumps(m, indent=2) + "\n"))
+            if par.distributed:
+                state = run_state(data, step, cfg, history, corpus_info["sha256"], m)
+                state["cuda_rng"] = None  # one process's devices need not exist in another layout
+                committed = save_distributed_checkpoint(out, model, optimizer, par, state, committed)
+            elif par.is_main:
+                save_checkpoint(out / CHECKPOINT, model, optimizer, data, step, cfg, history,
+                                corpus_info["sha256"], metrics=m)
+            if par.is_main:
+                _write_metrics(out, m)
         return m
 
-    if cfg.resume and step >= cfg.steps and (out / METRICS).is_file():
-        log(f"the run in {out} is already complete ({step} steps); nothing to do", flush=True)
-        return json.loads((out / METRICS).read_text())
-    if step == 0 and not cfg.resume:
-        log(f"step 0: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
+    try:
+        if step == 0 and not cfg.resume:
+            log(f"step 0: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
 
-    model.train()
-    train_time, trained_steps = 0.0, 0
-    while step < stop:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.steps, cfg.peak_lr, cfg.warmup_frac, cfg.final_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = data.train_batch(cfg.batch_size)
-        with amp:
-            _, loss = model(x.to(device), y.to(device))
-        loss.backward()
-        try:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, error_if_nonfinite=True)
-        except RuntimeError as err:
-            if "non-finite" not in str(err):
-                raise
-            raise FloatingPointError(
-                f"step {step + 1}: the gradient norm is NaN or Inf (loss {loss.item():.4g}); the step "
-                f"was not taken. The run diverged or its input holds NaN/Inf: try a lower --lr "
-                f"(now {cfg.peak_lr:g}) or --dtype fp32"
-                + (f", or resume from the last checkpoint in {out}" if out else "")
-            ) from None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        pending.append(loss.detach())
-        train_time += time.perf_counter() - t0
-        trained_steps += 1
+        model.train()
+        train_time, trained_steps = 0.0, 0
+        interval_time, interval_steps = 0.0, 0
+        saved_step = step if cfg.resume else None
+        while step < stop:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.steps, cfg.peak_lr, cfg.warmup_frac, cfg.final_lr_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = data.train_batch(cfg.batch_size)  # the global batch, the same on every process
+            micro = par.micro_batches(x, y, cfg.grad_accum)
+            loss_sum = None
+            for i, (xb, yb) in enumerate(micro):
+                with par.gradient_sync(model, last=i == len(micro) - 1):
+                    with amp:
+                        _, loss = model(xb.to(device), yb.to(device))
+                    # equal micro-batches: the mean of their means is the batch mean
+                    (loss / len(micro) if len(micro) > 1 else loss).backward()
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            step_loss = loss_sum / len(micro) if len(micro) > 1 else loss_sum
+            try:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, error_if_nonfinite=True)
+            except RuntimeError as err:
+                if "non-finite" not in str(err):
+                    raise
+                raise FloatingPointError(
+                    f"step {step + 1}: the gradient norm is NaN or Inf (loss {step_loss.item():.4g}); the step "
+                    f"was not taken. The run diverged or its input holds NaN/Inf: try a lower --lr "
+                    f"(now {cfg.peak_lr:g}) or --dtype fp32"
+                    + (f", or resume from the last checkpoint in {out}" if out else "")
+                ) from None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending.append((step + 1, lr, optimizer.lambda_at(step + 1), step_loss, grad_norm.detach()))
+            step += 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            trained_steps += 1
+            interval_time += dt
+            interval_steps += 1
 
-        if step % log_every == 0 or step == stop:
-            flush_train_losses()
-            sec_per_step = train_time / trained_steps
-            log(
-                f"step {step}/{cfg.steps}  loss {history['train_loss'][-1]:.4f}  lr {lr:.3g}  "
-                f"lambda {optimizer.lambda_at(step):.3g}  "
-                f"{tokens_per_step / sec_per_step:,.0f} tok/s  "
-                f"ETA {_fmt_time(sec_per_step * (stop - step))}",
-                flush=True,
-            )
-        if step % eval_every == 0 and step < cfg.steps:
-            log(f"step {step}: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
-            save(completed=False)
+            if step % log_every == 0 or step == stop:
+                grid = weight_grid_distance(optimizer, par)
+                flush({"tokens_per_s": tokens_per_step * interval_steps / interval_time,
+                       "weight_grid_distance": grid})
+                interval_time, interval_steps = 0.0, 0
+                sec_per_step = train_time / trained_steps
+                log(
+                    f"step {step}/{cfg.steps}  loss {history['train_loss'][-1]:.4f}  lr {lr:.3g}  "
+                    f"lambda {optimizer.lambda_at(step):.3g}  "
+                    f"{tokens_per_step / sec_per_step:,.0f} tok/s  "
+                    f"ETA {_fmt_time(sec_per_step * (stop - step))}",
+                    flush=True,
+                )
+            if step % eval_every == 0 and step < cfg.steps:
+                log(f"step {step}: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
+                save(completed=False)
+                saved_step = step
+            signum = par.agreed_signal(stop_request.signum)
+            if signum:
+                if saved_step != step:
+                    save(completed=False)
+                raise _interrupted(signum, step, cfg, out, par)
 
-    if step < cfg.steps:  # stopped early on purpose: checkpoint and leave
-        m = save(completed=False)
-        log(f"stopped after step {step} of {cfg.steps}; continue with --resume --out {out}", flush=True)
-        return m
+        if step < cfg.steps:  # stopped early on purpose: checkpoint and leave
+            m = save(completed=False)
+            log(f"stopped after step {step} of {cfg.steps}; continue with --resume --out {out}", flush=True)
+            return m
 
-    final = {f"final_{split}_loss": evaluate_and_record(split) for split in SPLITS[1:]}
-    final["final_eval_loss"] = final[f"final_{cfg.eval_split}_loss"]
-    if out is not None:
-        flush_train_losses()
-        title = f"{cfg.method} {'' if cfg.method == 'bf16' else f'W{cfg.weight_bits}A{cfg.act_bits} '}{cfg.preset}"
-        lambda_on = cfg.silence_ratio * cfg.steps if cfg.optimizer_lambda > 0 else None
-        final["plot"] = str(out / PLOT) if save_plot(out / PLOT, history, title, lambda_on) else None
-    m = save(completed=True, final=final)
+        final = {f"final_{split}_loss": evaluate_and_record(split, plot=False) for split in SPLITS[1:]}
+        final["final_eval_loss"] = final[f"final_{cfg.eval_split}_loss"]
+        if out is not None:
+            flush()
+            final["plot"] = draw_plot()
+        m = save(completed=True, final=final)
+    finally:
+        records.close()
     log(
         f"final held-out loss: test {final['final_test_loss']:.4f}, val {final['final_val_loss']:.4f} "
         f"(nats/byte) after {step} steps, {_fmt_time(m['wall_time_s'])}"
@@ -252,3 +352,31 @@ def _train(cfg: TrainConfig) -> dict:
         flush=True,
     )
     return m
+
+def _interrupted(signum: int, step: int, cfg: TrainConfig, out: Path | None, par: Parallel) -> TrainingInterrupted:
+    name = signal.Signals(signum).name
+    if out is None:
+        return TrainingInterrupted(signum, step, f"{name} after step {step}; nothing saved (no --out)", par.is_main)
+    if par.distributed:
+        again = f"torchrun --nproc-per-node {par.world} -m cage train --resume --parallel {cfg.parallel} --out {out}"
+    else:
+        again = f"python -m cage train --resume --out {out}"
+    return TrainingInterrupted(
+        signum, step,
+        f"{name}: stopped after step {step} of {cfg.steps} and checkpointed it; continue from step {step} with\n"
+        f"  {again}", par.is_main,
+    )
+
+def _completed_metrics(ckpt: dict, out: Path) -> dict | None:
+    """The metrics of a checkpoint of a finished run (None when it does not hold them)."""
+    saved = ckpt.get("metrics")
+    if saved is None and (out / METRICS).is_file():  # a checkpoint from before metrics went in
+        on_disk = json.loads((out / METRICS).read_text())
+        saved = on_disk if on_disk.get("step") == ckpt["step"] else None
+    return saved if saved is not None and saved.get("completed") else None
+
+def _write_metrics(out: Path, m: dict) -> None:
+    text = json.dumps(m, indent=2) + "\n"
+    path = out / METRICS
+    if not path.is_file() or path.read_text() != text:
+        _atomic_write(path, lambda tmp: tmp.write_text(text))

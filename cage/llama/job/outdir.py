@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import CHECKPOINT, METRICS, PLOT
+from .checkpoint import CHECKPOINT, DCP_DIR, METRICS, PLOT
 from .config import TrainConfig
+from .records import TENSORBOARD_DIR, TRAIN_LOG
 
 # Everything a run writes into its folder (and its half-written ``.tmp`` twins): what marks the
 # folder as holding a run, and what --overwrite deletes. Other files there are left alone.
-RUN_OUTPUTS = (CHECKPOINT, METRICS, PLOT)
+RUN_OUTPUTS = (CHECKPOINT, DCP_DIR, METRICS, PLOT, TRAIN_LOG, TENSORBOARD_DIR)
 
 
 def existing_run_outputs(out: Path) -> list[Path]:
@@ -41,8 +43,9 @@ def check_out_dir(cfg: TrainConfig) -> None:
 
 
 def clear_run_outputs(cfg: TrainConfig) -> list[Path]:
-    """With ``overwrite``: delete the earlier run's files in ``cfg.out`` (see RUN_OUTPUTS); returns them."""
-    if not (cfg.overwrite and cfg.out):
+    """With ``overwrite``: delete the earlier run's files in ``cfg.out`` (see RUN_OUTPUTS); returns them.
+    Under torchrun only rank 0 deletes (the others would race it)."""
+    if not (cfg.overwrite and cfg.out) or int(os.environ.get("RANK", "0")) != 0:
         return []
     found = existing_run_outputs(Path(cfg.out))
     for path in found:

@@ -26,7 +26,9 @@ def cell_status(cell_dir: Path) -> str:
             pass
     if (cell_dir / "diverged.json").is_file():
         return "diverged"
-    if (cell_dir / "checkpoint.pt").is_file():
+    from ..job.checkpoint import has_checkpoint
+
+    if has_checkpoint(cell_dir):  # either format: checkpoint.pt or a DCP folder
         return "partial"
     if (cell_dir / "failed.json").is_file():
         return "failed"
@@ -34,11 +36,14 @@ def cell_status(cell_dir: Path) -> str:
 
 def run_cell(cell_dir: str) -> int:
     """Entry point of a cell's process: train (or resume) the run described by cell.json."""
-    from ..job import CHECKPOINT, TrainConfig, train
+    from ..job import TrainConfig, train
+    from ..job.checkpoint import has_checkpoint
 
     d = Path(cell_dir)
     cfg = TrainConfig.from_dict(json.loads((d / "cell.json").read_text())["train_config"])
-    cfg = dataclasses.replace(cfg, resume=(d / CHECKPOINT).is_file())
+    resume = has_checkpoint(d)
+    # without a checkpoint the cell starts over, replacing what a failed attempt left
+    cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume)
     try:
         train(cfg)
     except FloatingPointError as err:  # a finding (e.g. 2-bit STE), not a crash
@@ -90,20 +95,21 @@ def weight_grid_error(cell_dir: Path) -> float | None:
     cache = cell_dir / "grid.json"
     if cache.is_file():
         return json.loads(cache.read_text())["weight_rel_quant_error"]
-    ckpt_path = cell_dir / "checkpoint.pt"
-    if not ckpt_path.is_file():
-        return None
     import torch
 
     from ...linear import QATLinear
     from ...naive import quantize
     from ..job import TrainConfig, build_model
+    from ..job.checkpoint import load_model_state
 
     cfg = TrainConfig.from_dict(json.loads((cell_dir / "cell.json").read_text())["train_config"])
     if cfg.method == "bf16":
         return None
+    weights = load_model_state(cell_dir)
+    if weights is None:
+        return None
     model, _, _ = build_model(cfg, torch.device("cpu"))
-    model.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(weights)
     err = ref = 0.0
     with torch.no_grad():
         for mod in model.modules():
