@@ -142,11 +142,11 @@ def test_layout_errors_name_the_options(monkeypatch):
     with pytest.raises(ValueError, match=r"--batch-size 8 .* divisible by --grad-accum \(2\) x processes \(3\) = 6"):
         dist_mod.check_batch_layout(TrainConfig(batch_size=8, grad_accum=2), world=3)
     dist_mod.check_batch_layout(TrainConfig(batch_size=12, grad_accum=2), world=3)
-    with pytest.raises(ValueError, match=r"batch_size \(8, the global batch of a step\) must be divisible by grad_accum \(3\)"):
+    with pytest.raises(ValueError, match=r"--batch-size \(8, the global batch of a step\) must be divisible by --grad-accum \(3\)"):
         TrainConfig(batch_size=8, grad_accum=3).validate()
-    with pytest.raises(ValueError, match="grad_accum must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="--grad-accum must be a positive integer, got 0"):
         TrainConfig(grad_accum=0).validate()
-    with pytest.raises(ValueError, match=r"parallel must be one of \('none', 'ddp', 'fsdp2'\), got 'fsdp'"):
+    with pytest.raises(ValueError, match=r"--parallel must be one of \('none', 'ddp', 'fsdp2'\), got 'fsdp'"):
         TrainConfig(parallel="fsdp").validate()
 
 

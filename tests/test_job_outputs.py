@@ -54,10 +54,12 @@ def test_tensorboard_events_when_installed(whole, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # a fresh run into a folder that holds another run's events hides those
+    # a run that replaces (overwrite) a folder holding another run's events shows only its own
     out = tmp_path / "again"
     shutil.copytree(whole[0] / "tensorboard", out / "tensorboard")
-    m = train(TrainConfig(out=str(out), **{**RUN, "seed": 1}))
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(TrainConfig(out=str(out), **{**RUN, "seed": 1}))
+    m = train(TrainConfig(out=str(out), overwrite=True, **{**RUN, "seed": 1}))
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
