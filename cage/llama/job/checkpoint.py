@@ -45,6 +45,7 @@ def _atomic_write(path: Path, write) -> None:
     write(tmp)
     os.replace(tmp, path)
 
+
 def run_state(data: TextData, step: int, cfg, history: dict, corpus_sha256: str, metrics: dict | None) -> dict:
     """What a checkpoint holds besides the model and the optimizer."""
     return {
@@ -60,6 +61,7 @@ def run_state(data: TextData, step: int, cfg, history: dict, corpus_sha256: str,
         "metrics": None if metrics is None else json.loads(json.dumps(metrics)),
     }
 
+
 def save_checkpoint(path: Path, model, optimizer, data: TextData, step: int, cfg, history: dict,
                     corpus_sha256: str, metrics: dict | None = None) -> None:
     """The single-file checkpoint of a one-process run."""
@@ -70,6 +72,7 @@ def save_checkpoint(path: Path, model, optimizer, data: TextData, step: int, cfg
     }
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
     remove_stale(path.parent, keep=None)
+
 
 def save_distributed_checkpoint(out: Path, model, optimizer, parallel, state: dict, committed: str | None) -> str:
     """A DCP checkpoint, written by every process (a collective); returns its folder's name.
@@ -94,6 +97,7 @@ def save_distributed_checkpoint(out: Path, model, optimizer, parallel, state: di
         remove_stale(out, keep=name)
     return name
 
+
 def remove_stale(out: Path, keep: str | None) -> None:
     """After a checkpoint is committed: drop the other format and the DCP folders but ``keep``."""
     if keep is not None:
@@ -108,10 +112,12 @@ def remove_stale(out: Path, keep: str | None) -> None:
         if entry.is_dir() and entry.name != keep:
             shutil.rmtree(entry)
 
+
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (run without --resume first)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
 
 def find_checkpoint(out: Path) -> dict | None:
     """The run's checkpoint in ``out`` (the later step of the two formats), or None. A DCP
@@ -127,8 +133,10 @@ def find_checkpoint(out: Path) -> dict | None:
         return None
     return max(found, key=lambda f: (f[1]["step"], f[0]))[1]
 
+
 def has_checkpoint(out: Path) -> bool:
     return (out / CHECKPOINT).is_file() or (out / DCP_DIR / DCP_STATE).is_file()
+
 
 def resume_checkpoint(out: Path) -> dict:
     ckpt = find_checkpoint(out)
@@ -137,6 +145,7 @@ def resume_checkpoint(out: Path) -> dict:
             f"--resume: no checkpoint at {out / CHECKPOINT} or {out / DCP_DIR / DCP_STATE} (run without --resume first)"
         )
     return ckpt
+
 
 def restore_weights(out: Path, ckpt: dict, model, optimizer, parallel) -> None:
     """Load the checkpoint's model and optimizer state into this session's (a collective for
@@ -164,6 +173,7 @@ def restore_weights(out: Path, ckpt: dict, model, optimizer, parallel) -> None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
 
+
 def _optimizer_state_by_name(saved: dict, optimizer, model) -> dict:
     """``optimizer.state_dict()`` of a one-process run (keyed by position) keyed by parameter
     name instead, as ``set_state_dict`` takes it; positions follow this ``optimizer``'s groups."""
@@ -177,6 +187,7 @@ def _optimizer_state_by_name(saved: dict, optimizer, model) -> dict:
         "state": {by_position[i]: state for i, state in saved["state"].items()},
         "param_groups": [{**g, "params": [by_position[i] for i in g["params"]]} for g in saved["param_groups"]],
     }
+
 
 def load_model_state(out: Path) -> dict | None:
     """The model weights of ``out``'s checkpoint as full tensors keyed like
@@ -192,13 +203,16 @@ def load_model_state(out: Path) -> dict | None:
         dcp_to_torch_save(str(out / DCP_DIR / ckpt["dcp"]), os.path.join(tmp, "full.pt"))
         return torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True)["model"]
 
+
 def _checkpoint_threads(out: str | None) -> int | None:
     ckpt = find_checkpoint(Path(out or "."))
     return ckpt.get("threads") if ckpt else None
 
+
 def checkpoint_config(out: str) -> TrainConfig:
     """The TrainConfig saved in ``out``'s checkpoint (the CLI resumes from it)."""
     return TrainConfig.from_dict(resume_checkpoint(Path(out))["config"])
+
 
 def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
     diffs = [

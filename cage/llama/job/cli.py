@@ -96,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--quiet", dest="verbose", action="store_false", help="print only errors")
     del g  # groups only order the help text
 
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}
@@ -110,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     # Nor does its parallel mode: that says how this session is launched.
     base = dataclasses.replace(checkpoint_config(out), stop_after=None, parallel=TrainConfig.parallel)
     return dataclasses.replace(base, **{**given, "out": out, "resume": True})
+
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)

@@ -66,13 +66,16 @@ def evaluate(model, data: TextData, split: str, n_batches: int, batch_size: int,
         total = float(par.mean(torch.tensor(total, dtype=torch.float64, device=device)))
     return total / n_batches
 
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
+
 def _replicated(norm: torch.Tensor) -> torch.Tensor:
     """The value of a gradient norm that FSDP2 returns as a DTensor."""
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training job; returns its metrics (also written to out/metrics.json).
@@ -113,6 +116,7 @@ def train(cfg: TrainConfig) -> dict:
         return result
     finally:
         torch.set_num_threads(threads_before)
+
 
 def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) -> dict:
     session_start = time.perf_counter()
@@ -353,6 +357,7 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
     )
     return m
 
+
 def _interrupted(signum: int, step: int, cfg: TrainConfig, out: Path | None, par: Parallel) -> TrainingInterrupted:
     name = signal.Signals(signum).name
     if out is None:
@@ -367,6 +372,7 @@ def _interrupted(signum: int, step: int, cfg: TrainConfig, out: Path | None, par
         f"  {again}", par.is_main,
     )
 
+
 def _completed_metrics(ckpt: dict, out: Path) -> dict | None:
     """The metrics of a checkpoint of a finished run (None when it does not hold them)."""
     saved = ckpt.get("metrics")
@@ -374,6 +380,7 @@ def _completed_metrics(ckpt: dict, out: Path) -> dict | None:
         on_disk = json.loads((out / METRICS).read_text())
         saved = on_disk if on_disk.get("step") == ckpt["step"] else None
     return saved if saved is not None and saved.get("completed") else None
+
 
 def _write_metrics(out: Path, m: dict) -> None:
     text = json.dumps(m, indent=2) + "\n"

@@ -29,6 +29,7 @@ def _cpu_times() -> tuple[int, int] | None:
         return None
     return fields[3] + fields[4], sum(fields)  # idle + iowait, all
 
+
 def choose_threads(sample_s: float = 0.3) -> int:
     """CPU threads for a run that does not set ``threads``: torch's default (one per core), less
     the cores that other processes keep busy right now.
@@ -48,6 +49,7 @@ def choose_threads(sample_s: float = 0.3) -> int:
         return default
     busy_cores = (1.0 - (after[0] - before[0]) / total) * (os.cpu_count() or default)
     return max(1, min(default, round((os.cpu_count() or default) - busy_cores)))
+
 
 def resolve_device(name: str) -> torch.device:
     """The device of ``--device`` (one of DEVICES); ValueError if it is not available here."""
@@ -71,11 +73,13 @@ def resolve_device(name: str) -> torch.device:
                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
+
 def autocast_context(cfg: TrainConfig, device: torch.device):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if dtype == "bf16":
         return dtype, torch.autocast(device.type, dtype=torch.bfloat16)
     return dtype, contextlib.nullcontext()
+
 
 def environment(device: torch.device) -> dict:
     """Versions and hardware, for metrics.json."""

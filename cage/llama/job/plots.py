@@ -22,6 +22,7 @@ def _running_mean(values: list[float], k: int) -> list[float]:
         out.append(total / min(i + 1, k))
     return out
 
+
 def _draw(ax, history: dict, lambda_on_step: float | None, start: float = 0.0) -> list[float]:
     """The curves from step ``start`` on; returns the losses drawn (to fit a zoomed axis)."""
     drawn = []
@@ -47,6 +48,7 @@ def _draw(ax, history: dict, lambda_on_step: float | None, start: float = 0.0) -
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     return drawn
+
 
 def save_plot(path: Path, history: dict, title: str, lambda_on_step: float | None = None,
               total_steps: int | None = None) -> bool:

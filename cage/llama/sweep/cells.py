@@ -34,6 +34,7 @@ def cell_status(cell_dir: Path) -> str:
         return "failed"
     return "todo"
 
+
 def run_cell(cell_dir: str) -> int:
     """Entry point of a cell's process: train (or resume) the run described by cell.json."""
     from ..job import TrainConfig, train
@@ -51,10 +52,12 @@ def run_cell(cell_dir: str) -> int:
         print(f"diverged: {err}", flush=True)
     return 0
 
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
 
 def prepare_cell(out: Path, cell: Cell, tcfg: dict) -> Path:
     """Create the cell's folder and cell.json; refuse to mix settings with an earlier sweep."""
@@ -74,6 +77,7 @@ def prepare_cell(out: Path, cell: Cell, tcfg: dict) -> Path:
     _write_json(f, {"cell": dataclasses.asdict(cell), "name": cell.name, "train_config": tcfg})
     return d
 
+
 def launch(cell_dir: Path, threads: int | None) -> tuple[int, float]:
     """Run one cell in a child process (its output goes to train.log); (exit code, seconds)."""
     env = dict(os.environ)
@@ -87,6 +91,7 @@ def launch(cell_dir: Path, threads: int | None) -> tuple[int, float]:
     with open(cell_dir / "train.log", "a") as log:
         rc = subprocess.run([sys.executable, "-c", code, str(cell_dir)], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     return rc, time.perf_counter() - t0
+
 
 def weight_grid_error(cell_dir: Path) -> float | None:
     """||W - Q(W)|| / ||W|| over all quantized weights of a finished cell's final checkpoint: how
@@ -121,6 +126,7 @@ def weight_grid_error(cell_dir: Path) -> float | None:
     val = math.sqrt(err / ref) if ref else None
     _write_json(cache, {"weight_rel_quant_error": val})
     return val
+
 
 def collect(out: Path, cells: list[Cell]) -> list[dict]:
     recs = []

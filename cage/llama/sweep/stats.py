@@ -18,11 +18,13 @@ def summarize(values: list[float]) -> dict:
         "min": min(v), "max": max(v),
     }
 
+
 def recovered_fraction(bf16: float | None, quest: float | None, cage: float | None) -> float | None:
     """CAGE's share of QuEST's gap to bf16 that it wins back: (quest - cage) / (quest - bf16)."""
     if None in (bf16, quest, cage) or quest == bf16:
         return None
     return (quest - cage) / (quest - bf16)
+
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     """Per-seed differences a - b over the seeds both have: the values, mean, std, standard error,
@@ -34,6 +36,7 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     se = st["std"] / math.sqrt(st["n"]) if st["std"] is not None else None
     resolved = None if se is None else (se == 0 or abs(st["mean"]) > 2 * se)
     return {"per_seed": {str(s): d for s, d in diffs.items()}, **st, "se": se, "resolved": resolved}
+
 
 def common_recovered_fraction(bf16: dict, quest: dict, cage: dict) -> dict | None:
     """recovered_fraction of the means over the seeds all three have (``value``), and its
@@ -47,12 +50,14 @@ def common_recovered_fraction(bf16: dict, quest: dict, cage: dict) -> dict | Non
     return {"value": recovered_fraction(mean(bf16), mean(quest), mean(cage)), "seeds": seeds,
             "per_seed": per, "per_seed_summary": summarize([v for v in per.values() if v is not None])}
 
+
 def _by_seed(records: list[dict], split: str, **match) -> dict[int, float]:
     out = {}
     for r in records:
         if all(r[k] == v for k, v in match.items()):
             out[r["seed"]] = r[split] if r["status"] == "done" else (math.inf if r["status"] == "diverged" else None)
     return {s: v for s, v in out.items() if v is not None}
+
 
 def aggregate(records: list[dict], p: dict) -> dict:
     """All numbers of the report from per-cell records (dicts with method, bits, seed,
