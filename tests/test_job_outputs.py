@@ -141,3 +141,26 @@ def test_sigterm_exits_143_after_a_checkpoint(tmp_path):
     assert rc == 143, err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == last
     assert "SIGTERM: stopped after step" in err
+
+
+def test_a_time_limit_checkpoints_and_the_resumed_run_is_the_same_run(tmp_path, whole, monkeypatch):
+    import cage.llama.job.loop as loop_mod
+
+    clock = iter(range(0, 10_000, 60))  # each reading of the loop's clock: one more minute
+    monkeypatch.setattr(loop_mod.time, "perf_counter", lambda: float(next(clock)))
+    part = tmp_path / "part"
+    m = train(TrainConfig(out=str(part), time_limit_min=2.5, **RUN))
+    monkeypatch.undo()
+    assert not m["completed"] and 1 <= m["step"] < RUN["steps"]
+    resumed = train(TrainConfig(out=str(part), resume=True, **RUN))
+    assert resumed["completed"] and resumed["final_test_loss"] == whole[1]["final_test_loss"]
+    ref = torch.load(whole[0] / "checkpoint.pt", weights_only=True)["model"]
+    got = torch.load(part / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert [r[k] for r in rows(part) for k in EXACT] == [r[k] for r in rows(whole[0]) for k in EXACT]
+
+
+@pytest.mark.parametrize("minutes", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_time_limit_must_be_positive_minutes(minutes):
+    with pytest.raises(ValueError, match="--time-limit must be a number of minutes > 0"):
+        TrainConfig(time_limit_min=minutes, **RUN).validate()

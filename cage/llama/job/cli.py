@@ -82,6 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--overwrite", action="store_true", help="replace the run in --out (deletes its "
         f"{', '.join(RUN_OUTPUTS)}); without it or --resume, a folder holding a run is refused")
     opt("--stop-after", type=int, help="stop and checkpoint after this step (continue with --resume)")
+    opt("--time-limit", dest="time_limit_min", type=float, help="minutes: stop and checkpoint after the first "
+        "step that ends past them (continue with --resume); for machines lent by the hour")
     opt("--eval-every", type=int, help="steps between evaluations and checkpoints, >= 1 (default: steps/4)")
     opt("--eval-batches", type=int, help="batches per evaluation")
     opt("--eval-split", choices=SPLITS[1:], help="split of the periodic evaluations")
@@ -106,10 +108,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if given.get("overwrite"):
         raise ValueError(RESUME_AND_OVERWRITE)
     out = given.get("out") or default_out_dir(TrainConfig(**given))
-    # A resumed run keeps its checkpoint's settings; a stop_after of the earlier session does
-    # not carry over (it would stop again at once).
+    # A resumed run keeps its checkpoint's settings; a stop_after or time limit of the earlier
+    # session does not carry over (it would stop again at once).
     # Nor does its parallel mode: that says how this session is launched.
-    base = dataclasses.replace(checkpoint_config(out), stop_after=None, parallel=TrainConfig.parallel)
+    base = dataclasses.replace(checkpoint_config(out), stop_after=None, time_limit_min=None,
+                               parallel=TrainConfig.parallel)
     return dataclasses.replace(base, **{**given, "out": out, "resume": True})
 
 

@@ -90,6 +90,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # start afresh in an out folder that holds a run (see outdir.py)
     stop_after: int | None = None  # stop (and checkpoint) after this step of the `steps` schedule
+    time_limit_min: float | None = None  # stop (and checkpoint) once this session has run this long
     eval_every: int | None = None  # None: steps // 4
     eval_batches: int = 8
     eval_split: str = "val"
@@ -102,7 +103,7 @@ class TrainConfig:
 
     # Fields that may differ between a run and its resumption: they do not change the weights.
     RESUMABLE_CHANGES = (
-        "out", "resume", "overwrite", "stop_after", "eval_every", "log_every", "device", "backend",
+        "out", "resume", "overwrite", "stop_after", "time_limit_min", "eval_every", "log_every", "device", "backend",
         "threads", "verbose",
         # these change only the order in which the same gradients are summed
         "parallel", "grad_accum",
@@ -136,6 +137,8 @@ class TrainConfig:
             bad(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("steps", "batch_size", "seq_len", "eval_batches"):
             positive_int(name)
+        if self.time_limit_min is not None and not (self.time_limit_min > 0 and math.isfinite(self.time_limit_min)):
+            bad(f"--time-limit must be a number of minutes > 0, got {self.time_limit_min}")
         for name in ("stop_after", "eval_every", "log_every", "threads"):
             if getattr(self, name) is not None:
                 positive_int(name)

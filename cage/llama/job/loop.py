@@ -80,7 +80,8 @@ def _replicated(norm: torch.Tensor) -> torch.Tensor:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training job; returns its metrics (also written to out/metrics.json).
 
-    With ``cfg.stop_after`` before the end, it trains up to that step, checkpoints and returns
+    With ``cfg.stop_after`` before the end (or once ``cfg.time_limit_min`` minutes of this session
+    have passed), it trains up to that step, checkpoints and returns
     metrics with ``completed: False``; resuming then gives bit-identical results to an
     uninterrupted run (same batches, same optimizer state, same order of operations, same
     thread count). Raises FloatingPointError when a gradient is NaN/Inf (before that step is
@@ -116,6 +117,11 @@ def train(cfg: TrainConfig) -> dict:
         return result
     finally:
         torch.set_num_threads(threads_before)
+
+
+# agreed_signal's code for the time limit: below every stop signal, so a signal wins (SIGHUP is
+# not one the loop catches)
+TIME_UP = 1
 
 
 def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) -> dict:
@@ -330,7 +336,11 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
                 log(f"step {step}: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
                 save(completed=False)
                 saved_step = step
-            signum = par.agreed_signal(stop_request.signum)
+            time_up = cfg.time_limit_min is not None and time.perf_counter() - session_start > 60 * cfg.time_limit_min
+            signum = par.agreed_signal(stop_request.signum or (TIME_UP if time_up else 0))
+            if signum == TIME_UP:  # every process stops after the same step
+                log(f"time limit of {cfg.time_limit_min:g} min reached", flush=True)
+                break
             if signum:
                 if saved_step != step:
                     save(completed=False)

@@ -68,7 +68,7 @@ def save_plot(path: Path, history: dict, title: str, lambda_on_step: float | Non
     whole.yaxis.set_minor_formatter(ScalarFormatter())
     whole.set_ylabel("cross-entropy (nats / byte)")
     whole.set_title(title)
-    whole.legend()
+    whole.legend(loc="upper right")  # loss falls from the upper left; "best" is slow on long runs
     total = total_steps or max([len(history["train_loss"])] + [e["step"] for e in history["evals"]])
     start = lambda_on_step if lambda_on_step is not None else 0.75 * total
     drawn = _draw(zoom, history, lambda_on_step, start=start * 0.95)
