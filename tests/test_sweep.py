@@ -185,6 +185,9 @@ def test_cpu_preset_plan():
     assert len({c.name for c in cells}) == len(cells)
     assert Cell("cage", 3, 0) in cells and Cell("cage", 3, 1, 20.0, 0.5, "ablation") in cells
     assert [c.seed for c in main] == sorted(c.seed for c in main)  # seed by seed
+    # comparable pairs first inside a seed: a sweep cut short leaves whole cage - quest pairs
+    assert [c.name for c in main[:7]] == ["quest-w4-s0", "cage-w4-s0", "quest-w3-s0", "cage-w3-s0",
+                                          "quest-w2-s0", "cage-w2-s0", "bf16-s0"]
 
 
 def test_gpu_preset_is_the_paper_30M_shape_and_steps(tmp_path, small_text):

@@ -35,8 +35,9 @@ def cell_status(cell_dir: Path) -> str:
     return "todo"
 
 
-def run_cell(cell_dir: str) -> int:
-    """Entry point of a cell's process: train (or resume) the run described by cell.json."""
+def run_cell(cell_dir: str, time_limit_min: float | None = None) -> int:
+    """Entry point of a cell's process: train (or resume) the run described by cell.json, for at
+    most ``time_limit_min`` minutes (then it checkpoints and the cell stays "partial")."""
     from ..job import TrainConfig, train
     from ..job.checkpoint import has_checkpoint
 
@@ -44,7 +45,7 @@ def run_cell(cell_dir: str) -> int:
     cfg = TrainConfig.from_dict(json.loads((d / "cell.json").read_text())["train_config"])
     resume = has_checkpoint(d)
     # without a checkpoint the cell starts over, replacing what a failed attempt left
-    cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume)
+    cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume, time_limit_min=time_limit_min)
     try:
         train(cfg)
     except FloatingPointError as err:  # a finding (e.g. 2-bit STE), not a crash
@@ -78,18 +79,21 @@ def prepare_cell(out: Path, cell: Cell, tcfg: dict) -> Path:
     return d
 
 
-def launch(cell_dir: Path, threads: int | None) -> tuple[int, float]:
-    """Run one cell in a child process (its output goes to train.log); (exit code, seconds)."""
+def launch(cell_dir: Path, threads: int | None, time_limit_min: float | None = None) -> tuple[int, float]:
+    """Run one cell in a child process (its output goes to train.log), for at most
+    ``time_limit_min`` minutes of training; (exit code, seconds)."""
     env = dict(os.environ)
     pkg_root = str(Path(__file__).resolve().parents[3])
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if threads:
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[k] = str(threads)
-    code = "import sys; from cage.llama.sweep.cells import run_cell; sys.exit(run_cell(sys.argv[1]))"
+    code = ("import sys; from cage.llama.sweep.cells import run_cell; "
+            "sys.exit(run_cell(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else None))")
+    limit = [] if time_limit_min is None else [repr(time_limit_min)]
     t0 = time.perf_counter()
     with open(cell_dir / "train.log", "a") as log:
-        rc = subprocess.run([sys.executable, "-c", code, str(cell_dir)], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run([sys.executable, "-c", code, str(cell_dir), *limit], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     return rc, time.perf_counter() - t0
 
 

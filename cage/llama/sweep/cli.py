@@ -28,13 +28,15 @@ import argparse
 import concurrent.futures
 import datetime as _dt
 import json
+import math
 import os
 import shlex
 import time
 from pathlib import Path
 
 from .cells import _write_json, cell_status, launch, prepare_cell
-from .plan import METHODS, PLAYS_PLUS_STDLIB, SWEEP_PRESETS, Cell, assemble_plays_plus_stdlib, plan_cells, train_config_dict
+from .corpora import ASSEMBLED
+from .plan import METHODS, SWEEP_PRESETS, Cell, plan_cells, steps_for_budget, train_config_dict
 from .report import _code_info, _load_state, display_path, write_report
 
 
@@ -59,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambdas", type=_floats, help="ablation lambdas, comma list")
     p.add_argument("--silences", type=_floats, help="ablation silence ratios, comma list")
     p.add_argument("--steps", type=int, help="optimizer steps per cell")
+    p.add_argument("--tokens-per-param", type=float, help="training budget instead of --steps: tokens per "
+                   "model parameter (steps = budget x parameters / (batch-size x seq-len), rounded)")
+    p.add_argument("--time-limit", type=float, help="minutes for this invocation: cells in flight checkpoint "
+                   "when it runs out and no cell starts after it; run the same command again to continue")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--eval-batches", type=int)
@@ -67,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int)
     p.add_argument("--n-layers", type=int)
     p.add_argument("--n-heads", type=int)
-    p.add_argument("--data", help=f"corpus path, or {PLAYS_PLUS_STDLIB!r} (default: the preset's)")
+    p.add_argument("--data", help=f"corpus path, or one assembled from a package: {', '.join(ASSEMBLED)} "
+                   "(see cage/llama/sweep/corpora.py; default: the preset's)")
     p.add_argument("--jobs", type=int, help="cells run at once (separate processes)")
     p.add_argument("--threads", type=int, help="torch threads per cell")
     p.add_argument("--name", help="name of the sweep: runs/sweep-<name>, accuracy-<name>.* (default: the preset)")
@@ -80,12 +87,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def preset_from_args(args: argparse.Namespace) -> dict:
     p = dict(SWEEP_PRESETS[args.preset], preset=args.preset, methods=METHODS, name=args.name or args.preset)
+    if getattr(args, "tokens_per_param", None) is not None:
+        if getattr(args, "steps", None) is not None:
+            raise ValueError("sweep: give --steps or --tokens-per-param, not both")
+        if not (args.tokens_per_param > 0 and math.isfinite(args.tokens_per_param)):
+            raise ValueError(f"sweep: --tokens-per-param must be > 0, got {args.tokens_per_param}")
     for k in ("methods", "bits", "seeds", "ablation_seeds", "ablation_bits", "lambdas", "silences", "steps",
               "batch_size", "seq_len", "eval_batches", "lr", "model", "dim", "n_layers", "n_heads", "data",
               "jobs", "threads"):
         v = getattr(args, k, None)
         if v is not None:
             p[k] = v
+    if getattr(args, "tokens_per_param", None) is not None:
+        p["tokens_per_param"] = args.tokens_per_param
+        p["steps"] = steps_for_budget(p, args.tokens_per_param)
     check_preset(p)
     return p
 
@@ -121,8 +136,8 @@ def check_preset(p: dict) -> None:
     if p["threads"] is not None and p["threads"] < 1:
         bad(f"--threads must be >= 1, got {p['threads']}")
     data = p["data"]
-    if data not in (None, PLAYS_PLUS_STDLIB) and not (data and Path(data).expanduser().exists()):
-        bad(f"--data {data} does not exist (give a text file, a folder of text files, or {PLAYS_PLUS_STDLIB!r})")
+    if data not in (None, *ASSEMBLED) and not (data and Path(data).expanduser().exists()):
+        bad(f"--data {data} does not exist (give a text file, a folder of text files, or one of {list(ASSEMBLED)})")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -157,12 +172,14 @@ def run(args: argparse.Namespace) -> int:
         write_report(out, results_dir, p, cells)
         print(f"sweep: report written to {results_dir}/accuracy-{p['name']}.*")
         return 0
-    corpus = out / "corpus" / "plays+stdlib.txt"
-    data = str(corpus.resolve()) if p["data"] == PLAYS_PLUS_STDLIB else p["data"]
+    if args.time_limit is not None and not (args.time_limit > 0 and math.isfinite(args.time_limit)):
+        raise ValueError(f"sweep: --time-limit must be a number of minutes > 0, got {args.time_limit}")
+    corpus = out / "corpus" / f"{p['data']}.txt"
+    data = str(corpus.resolve()) if p["data"] in ASSEMBLED else p["data"]
     configs = {c: train_config_dict(p, c, out, data) for c in cells}  # each validated: no work yet
     out.mkdir(parents=True, exist_ok=True)
-    if p["data"] == PLAYS_PLUS_STDLIB:
-        assemble_plays_plus_stdlib(corpus)
+    if p["data"] in ASSEMBLED:
+        ASSEMBLED[p["data"]](corpus)
     dirs = {c: prepare_cell(out, c, configs[c]) for c in cells}
     todo = [c for c in cells if cell_status(dirs[c]) in ("todo", "partial", "failed")]
     if args.max_cells is not None:
@@ -177,14 +194,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"sweep {p['name']}: {len(cells)} cells, {len(cells) - len(todo)} already finished, running {len(todo)} "
           f"({p['jobs']} at a time x {p['threads']} threads) in {out}", flush=True)
     t0 = time.perf_counter()
+    deadline = None if args.time_limit is None else t0 + 60 * args.time_limit
     failures = 0
 
     def one(c: Cell):
         d = dirs[c]
+        limit = None
+        if deadline is not None:
+            limit = (deadline - time.perf_counter()) / 60
+            if limit <= 0:
+                return c, "not started (time limit)", 0.0
         (d / "failed.json").unlink(missing_ok=True)
-        rc, secs = launch(d, p["threads"])
+        rc, secs = launch(d, p["threads"], limit)
         st = cell_status(d)
-        if rc != 0 or st not in ("done", "diverged"):
+        if rc == 0 and st == "partial" and limit is not None:
+            st = "paused (time limit)"  # checkpointed; the next invocation continues it
+        elif rc != 0 or st not in ("done", "diverged"):
             _write_json(d / "failed.json", {"returncode": rc})
             st = "failed"
         return c, st, secs
@@ -206,5 +231,8 @@ def run(args: argparse.Namespace) -> int:
     inv["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     _write_json(out / "sweep.json", state)
     write_report(out, results_dir, p, cells)
-    print(f"sweep: done in {inv['wall_s']:.0f}s, {failures} failed; report in {results_dir}/accuracy-{p['name']}.*", flush=True)
+    left = [c for c in cells if cell_status(dirs[c]) not in ("done", "diverged")]
+    print(f"sweep: done in {inv['wall_s']:.0f}s, {failures} failed, {len(left)} of {len(cells)} cells unfinished"
+          + ("; run the same command again to continue" if left else "")
+          + f"; report in {results_dir}/accuracy-{p['name']}.*", flush=True)
     return 1 if failures else 0

@@ -63,17 +63,19 @@ class Cell:
 
 
 def plan_cells(p: dict) -> list[Cell]:
-    """The cells of a sweep, in the order they run: the main matrix seed by seed (slowest methods
-    first inside a seed, for packing), then the ablation seed by seed. The ablation's
-    (lambda 10, silence 0.8) setting is the main cage cell of that seed and is not repeated."""
+    """The cells of a sweep, in the order they run: the main matrix seed by seed, then the
+    ablation seed by seed. Inside a seed the comparable pairs come first (quest then cage at
+    each width), then bf16, then ste: a sweep cut short (a time limit, a lease that ends) leaves
+    whole paired differences rather than half pairs. The ablation's (lambda 10, silence 0.8)
+    setting is the main cage cell of that seed and is not repeated."""
     cells: list[Cell] = []
-    order = [m for m in ("cage", "quest", "ste", "bf16") if m in p["methods"]]
     for seed in p["seeds"]:
-        for method in order:
-            if method == "bf16":
-                cells.append(Cell("bf16", None, seed))
-            else:
-                cells += [Cell(method, b, seed) for b in p["bits"]]
+        for b in p["bits"]:
+            cells += [Cell(m, b, seed) for m in ("quest", "cage") if m in p["methods"]]
+        if "bf16" in p["methods"]:
+            cells.append(Cell("bf16", None, seed))
+        if "ste" in p["methods"]:
+            cells += [Cell("ste", b, seed) for b in p["bits"]]
     for seed in p["ablation_seeds"]:
         for lam in p["lambdas"]:
             for sil in p["silences"]:
@@ -84,6 +86,20 @@ def plan_cells(p: dict) -> list[Cell]:
                 if cell not in cells:
                     cells.append(cell)
     return cells
+
+
+def steps_for_budget(p: dict, tokens_per_param: float) -> int:
+    """Optimizer steps that train the preset's model on ``tokens_per_param`` tokens per parameter
+    (all parameters, as the report counts them)."""
+    import torch
+
+    from ..model import Llama, config_from_preset, count_params
+
+    cfg = config_from_preset(p["model"], dim=p.get("dim"), n_layers=p.get("n_layers"), n_heads=p.get("n_heads"),
+                             max_seq_len=p["seq_len"])
+    with torch.device("meta"):  # shapes only, nothing allocated
+        params = count_params(Llama(cfg))
+    return max(1, round(tokens_per_param * params / (p["batch_size"] * p["seq_len"])))
 
 
 def train_config_dict(p: dict, cell: Cell, out_dir: Path, data: str | None) -> dict:

@@ -10,7 +10,8 @@ import subprocess
 from pathlib import Path
 
 from .cells import _write_json, collect
-from .plan import DEFAULT_LAMBDA, DEFAULT_SILENCE, PLAYS_PLUS_STDLIB, Cell
+from .corpora import ASSEMBLED
+from .plan import DEFAULT_LAMBDA, DEFAULT_SILENCE, Cell
 from .stats import aggregate
 
 FINDINGS_BEGIN = "<!-- BEGIN FINDINGS -->"
@@ -282,7 +283,7 @@ def _load_state(out: Path) -> dict:
 def display_path(path) -> str:
     """``path`` as results record it: relative to the working directory when it lies under it
     (results are committed, and the machine's absolute paths mean nothing elsewhere), else as given."""
-    if path in (None, PLAYS_PLUS_STDLIB):
+    if path is None or path in ASSEMBLED:
         return path
     resolved, cwd = Path(path).expanduser().resolve(), Path.cwd().resolve()
     return str(resolved.relative_to(cwd)) if resolved.is_relative_to(cwd) else str(path)
