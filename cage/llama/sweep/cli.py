@@ -86,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def preset_from_args(args: argparse.Namespace) -> dict:
-    p = dict(SWEEP_PRESETS[args.preset], preset=args.preset, methods=METHODS, name=args.name or args.preset)
+    p = dict(SWEEP_PRESETS[args.preset], preset=args.preset, name=args.name or args.preset)
+    p.setdefault("methods", METHODS)
     if getattr(args, "tokens_per_param", None) is not None:
         if getattr(args, "steps", None) is not None:
             raise ValueError("sweep: give --steps or --tokens-per-param, not both")

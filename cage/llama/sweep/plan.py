@@ -41,6 +41,25 @@ SWEEP_PRESETS: dict[str, dict] = {
         data=PLAYS_PLUS_STDLIB, bits=(4, 3, 2), seeds=(0, 1, 2), ablation_bits=4,
         lambdas=(5.0, 10.0, 20.0), silences=(0.5, 0.8), ablation_seeds=(0,), jobs=1, threads=None,
     ),
+    # The same shape and recipe sized for device leases of ~10 minutes per command: 1 token per
+    # parameter (30.8M parameters, 940 steps x 64 x 512), quest and cage at W4 and W3 first, then
+    # bf16, one seed at a time. Run as `cage sweep --preset 30M-lease --time-limit 8` per command
+    # (cells checkpoint when it runs out; the same command continues). Not yet timed on a GPU:
+    # at an assumed 0.15 s per step a cell takes ~2.5 min, a seed's 5 cells about 13 min, so one
+    # seed per lease of 15 minutes, three seeds in three to four leases.
+    "30M-lease": dict(
+        model="30M", steps=940, batch_size=64, seq_len=512, eval_batches=16, lr=None,
+        data=PLAYS_PLUS_STDLIB, bits=(4, 3), seeds=(0, 1, 2), methods=("bf16", "quest", "cage"), ablation_bits=4,
+        lambdas=(5.0, 10.0, 20.0), silences=(0.5, 0.8), ablation_seeds=(), jobs=1, threads=None,
+    ),
+    # The budget trend (issue 11): the smallest model (tiny, 0.19M parameters, 32k tokens/s on one
+    # CPU thread), bf16, quest and cage at W4 and W3, 3 seeds; the budget comes from
+    # --tokens-per-param (benchmarks/accuracy_trend.py runs the ladder on two corpora).
+    "trend": dict(
+        model="tiny", steps=300, batch_size=16, seq_len=128, eval_batches=16, lr=None, data=None,
+        bits=(4, 3), seeds=(0, 1, 2), methods=("bf16", "quest", "cage"), ablation_bits=3,
+        lambdas=(5.0, 10.0, 20.0, 40.0), silences=(0.5, 0.8), ablation_seeds=(), jobs=2, threads=1,
+    ),
 }
 
 
