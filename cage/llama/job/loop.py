@@ -1,18 +1,5 @@
-"""The QAT training job: a Llama model on byte-level text, trained with one of four methods.
-
-Methods (SPEC 1-2), all trained by ``CAGEAdamW`` so that the method is the only difference:
-
-- ``bf16``:  no quantization, lambda 0 (the high-precision reference);
-- ``ste``:   weights and activations quantized without rotation, plain straight-through, lambda 0;
-- ``quest``: Hadamard rotation and the trust mask (QuEST), lambda 0;
-- ``cage``:  the ``quest`` quantizer plus the CAGE correction (``cage_lambda`` > 0).
-
-Recipe (SPEC 3): AdamW betas (0.9, 0.95), weight decay 0.1 (not on norms), gradient clipping at
-norm 1.0, learning rate warmed up linearly over the first 10% of the steps, then a cosine down to
-a tenth of the peak. bf16 autocast on CUDA; fp32 on CPU, where bf16 autocast is slow.
-
-Evaluation: at intervals on ``eval_split`` (default ``val``) and at the end on both ``val`` and
-``test`` (see ``cage.llama.data``: ``test`` is the held-out split to report, ``val`` the one to tune on).
+"""The training loop of ``python -m cage train`` (the methods, the recipe and the splits are in
+``cage.llama.job.cli``'s docstring, which is also the command's help).
 
 Under torchrun with ``--parallel ddp|fsdp2`` (``cage.llama.job.distributed``) every process
 trains its share of each global batch and only rank 0 writes files or prints. Outputs in
