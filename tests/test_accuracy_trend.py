@@ -1,0 +1,80 @@
+"""benchmarks/accuracy_trend.py: the trend report's numbers from the cells of each rung's sweep
+(synthetic cells here; the real ladder is hours of CPU time)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def trend(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("accuracy_trend", ROOT / "benchmarks" / "accuracy_trend.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RUNS", tmp_path / "runs")
+    return mod
+
+
+def _record(method, bits, seed, test, lam=10.0, sil=0.8, val=None):
+    role = "ablation" if (lam, sil) != (10.0, 0.8) else "main"
+    return dict(method=method, bits=bits, seed=seed, cage_lambda=lam, silence_ratio=sil, role=role, status="done",
+                test=test, val=test + 0.1 if val is None else val, wall_time_s=1.0, name="x",
+                metrics={"params": 192960}, weight_rel_quant_error=0.2 if method == "cage" else 0.25)
+
+
+def _cells(cage_gain):
+    """bf16 2.0, quest W4 2.1 / W3 2.2, cage better than quest by cage_gain[seed], 3 seeds."""
+    recs = []
+    for seed, gain in enumerate(cage_gain):
+        recs.append(_record("bf16", None, seed, 2.0 + 0.01 * seed))
+        for b, q in ((4, 2.1), (3, 2.2)):
+            recs.append(_record("quest", b, seed, q + 0.01 * seed))
+            recs.append(_record("cage", b, seed, q + 0.01 * seed - gain))
+    return recs
+
+
+def test_rung_summary_pairs_by_seed_with_a_standard_error(trend, monkeypatch):
+    (trend.RUNS / "plays-t10").mkdir(parents=True)
+    monkeypatch.setattr(trend, "collect", lambda out, cells: _cells([0.01, 0.02, 0.03]))
+    row = trend.rung_summary("plays", 10.0)
+    d = row["per_bits"]["4"]["paired_cage_minus_quest"]
+    assert d["mean"] == pytest.approx(-0.02) and d["n"] == 3
+    assert d["standard_error"] == pytest.approx(0.01 / math.sqrt(3))
+    assert d["resolved"] is True  # |mean| > 2 s.e.
+    # means over the seeds: quest 2.11, cage 2.09, bf16 2.01: (2.11 - 2.09) / (2.11 - 2.01)
+    assert row["per_bits"]["4"]["recovered_fraction"] == pytest.approx(0.2)
+    assert row["per_bits"]["3"]["grid_distance"] == {"quest": pytest.approx(0.25), "cage": pytest.approx(0.2)}
+    assert row["tokens_per_param"] == 10.0 and row["steps"] > 0
+    assert trend.rung_summary("enwiki", 10.0) is None  # no sweep folder: no row
+
+
+def test_an_ablation_needs_a_non_default_setting_and_is_chosen_on_val(trend, monkeypatch):
+    (trend.RUNS / "plays-t30").mkdir(parents=True)
+    main = _cells([0.0, 0.0, 0.0])
+    monkeypatch.setattr(trend, "collect", lambda out, cells: main)
+    assert trend.ablation_summary("plays", 30.0, 3, "0") is None  # only the main cage cell
+    ablated = main + [_record("cage", 3, 0, test=2.15, lam=20.0, sil=0.5, val=2.0),
+                      _record("cage", 3, 0, test=2.05, lam=40.0, sil=0.5, val=2.5)]
+    monkeypatch.setattr(trend, "collect", lambda out, cells: ablated)
+    a = trend.ablation_summary("plays", 30.0, 3, "0")
+    # lambda 40 has the lower test loss but the higher val loss: the choice is made on val
+    assert (a["best_on_val"]["cage_lambda"], a["best_on_val"]["silence_ratio"]) == (20.0, 0.5)
+    assert a["test"] == {"chosen": pytest.approx(2.15), "spec_default": pytest.approx(2.2), "quest": pytest.approx(2.2)}
+
+
+def test_report_writes_json_markdown_and_plot(trend, monkeypatch, tmp_path):
+    (trend.RUNS / "plays-t1").mkdir(parents=True)
+    (trend.RUNS / "enwiki-t3").mkdir(parents=True)
+    monkeypatch.setattr(trend, "collect", lambda out, cells: _cells([0.01, -0.01, 0.0]))
+    results = tmp_path / "results"
+    assert trend.main(["report", "--results-dir", str(results)]) == 0
+    rep = json.loads((results / "accuracy-trend.json").read_text())
+    assert [(r["corpus"], r["tokens_per_param"]) for r in rep["rungs"]] == [("plays", 1.0), ("enwiki", 3.0)]
+    md = (results / "accuracy-trend.md").read_text()
+    assert "| plays | 1 |" in md and "+0.0000 ± 0.0058 (n=3)" in md
+    assert (results / "accuracy-trend.png").read_bytes()[:4] == b"\x89PNG"
