@@ -114,3 +114,17 @@ def test_enwiki_is_a_data_name_the_sweep_accepts():
     p = preset_from_args(_args("--preset", "tiny", "--data", "enwiki"))
     assert p["data"] == "enwiki" and "enwiki" in corpora.ASSEMBLED
     assert Path(corpora.ENWIKI_FILE).suffix == ".bz2"
+
+
+def test_a_cell_recorded_with_an_absolute_corpus_path_continues_with_the_relative_one(tmp_path, monkeypatch):
+    from cage.llama.sweep.plan import Cell, SWEEP_PRESETS, train_config_dict
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("x")
+    (tmp_path / "other.txt").write_text("y")
+    p = dict(SWEEP_PRESETS["tiny"], methods=("quest",))
+    cell = Cell("quest", 4, 0)
+    cells_mod.prepare_cell(tmp_path / "sw", cell, train_config_dict(p, cell, Path("sw"), str(tmp_path / "c.txt")))
+    cells_mod.prepare_cell(tmp_path / "sw", cell, train_config_dict(p, cell, Path("sw"), "c.txt"))  # same file
+    with pytest.raises(ValueError, match="was made with other settings.*data"):
+        cells_mod.prepare_cell(tmp_path / "sw", cell, train_config_dict(p, cell, Path("sw"), "other.txt"))

@@ -60,6 +60,11 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _same_file(a, b) -> bool:
+    """Two recorded corpus paths name the same file (one relative, one absolute, or both)."""
+    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def prepare_cell(out: Path, cell: Cell, tcfg: dict) -> Path:
     """Create the cell's folder and cell.json; refuse to mix settings with an earlier sweep."""
     from ..job import TrainConfig
@@ -69,7 +74,8 @@ def prepare_cell(out: Path, cell: Cell, tcfg: dict) -> Path:
     f = d / "cell.json"
     if f.is_file():
         old = json.loads(f.read_text())["train_config"]
-        diffs = [k for k, v in tcfg.items() if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != v]
+        diffs = [k for k, v in tcfg.items() if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != v
+                 and not (k == "data" and _same_file(old.get(k), v))]
         if diffs:
             raise ValueError(
                 f"sweep: {d} was made with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {tcfg[k]!r}' for k in diffs)}); "

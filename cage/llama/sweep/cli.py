@@ -176,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
     if args.time_limit is not None and not (args.time_limit > 0 and math.isfinite(args.time_limit)):
         raise ValueError(f"sweep: --time-limit must be a number of minutes > 0, got {args.time_limit}")
     corpus = out / "corpus" / f"{p['data']}.txt"
-    data = str(corpus.resolve()) if p["data"] in ASSEMBLED else p["data"]
+    # relative to the working directory, as --out is: a sweep folder moved to another machine
+    # (a device lease) continues there
+    data = str(corpus) if p["data"] in ASSEMBLED else p["data"]
     configs = {c: train_config_dict(p, c, out, data) for c in cells}  # each validated: no work yet
     out.mkdir(parents=True, exist_ok=True)
     if p["data"] in ASSEMBLED:
