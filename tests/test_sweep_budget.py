@@ -128,3 +128,21 @@ def test_a_cell_recorded_with_an_absolute_corpus_path_continues_with_the_relativ
     cells_mod.prepare_cell(tmp_path / "sw", cell, train_config_dict(p, cell, Path("sw"), "c.txt"))  # same file
     with pytest.raises(ValueError, match="was made with other settings.*data"):
         cells_mod.prepare_cell(tmp_path / "sw", cell, train_config_dict(p, cell, Path("sw"), "other.txt"))
+
+
+def test_a_sweep_cell_runs_under_torchrun_and_matches_one_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text("to be or not to be that is the question\n" * 200)
+    base = ["sweep", "--preset", "tiny", "--methods", "quest", "--bits", "4", "--seeds", "0", "--ablation-seeds", "",
+            "--steps", "4", "--data", "text.txt", "--threads", "1"]
+    assert cli.main([*base, "--out", "one"]) == 0
+    assert cli.main([*base, "--out", "two", "--parallel", "ddp", "--nproc-per-node", "2"]) == 0
+    one, two = (json.loads((tmp_path / o / "quest-w4-s0" / "metrics.json").read_text()) for o in ("one", "two"))
+    assert two["completed"] and (tmp_path / "two" / "quest-w4-s0" / "checkpoint").is_dir()  # the DCP format
+    assert two["final_test_loss"] == pytest.approx(one["final_test_loss"], rel=1e-4)
+
+
+def test_nproc_per_node_needs_parallel(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", "--preset", "tiny", "--nproc-per-node", "2"]) == 2
+    assert "--nproc-per-node must be >= 1 and goes with --parallel" in capsys.readouterr().err

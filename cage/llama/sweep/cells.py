@@ -35,9 +35,10 @@ def cell_status(cell_dir: Path) -> str:
     return "todo"
 
 
-def run_cell(cell_dir: str, time_limit_min: float | None = None) -> int:
-    """Entry point of a cell's process: train (or resume) the run described by cell.json, for at
-    most ``time_limit_min`` minutes (then it checkpoints and the cell stays "partial")."""
+def run_cell(cell_dir: str, time_limit_min: float | None = None, parallel: str = "none") -> int:
+    """Entry point of a cell's process (or of each of its torchrun processes, with ``parallel``
+    ddp or fsdp2): train (or resume) the run described by cell.json, for at most
+    ``time_limit_min`` minutes (then it checkpoints and the cell stays "partial")."""
     from ..job import TrainConfig, train
     from ..job.checkpoint import has_checkpoint
 
@@ -45,10 +46,13 @@ def run_cell(cell_dir: str, time_limit_min: float | None = None) -> int:
     cfg = TrainConfig.from_dict(json.loads((d / "cell.json").read_text())["train_config"])
     resume = has_checkpoint(d)
     # without a checkpoint the cell starts over, replacing what a failed attempt left
-    cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume, time_limit_min=time_limit_min)
+    cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume, time_limit_min=time_limit_min,
+                              parallel=parallel)
     try:
         train(cfg)
     except FloatingPointError as err:  # a finding (e.g. 2-bit STE), not a crash
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
         (d / "diverged.json").write_text(json.dumps({"error": str(err)}, indent=2) + "\n")
         print(f"diverged: {err}", flush=True)
     return 0
@@ -85,21 +89,25 @@ def prepare_cell(out: Path, cell: Cell, tcfg: dict) -> Path:
     return d
 
 
-def launch(cell_dir: Path, threads: int | None, time_limit_min: float | None = None) -> tuple[int, float]:
+def launch(cell_dir: Path, threads: int | None, time_limit_min: float | None = None,
+           parallel: str = "none", nproc: int = 1) -> tuple[int, float]:
     """Run one cell in a child process (its output goes to train.log), for at most
-    ``time_limit_min`` minutes of training; (exit code, seconds)."""
+    ``time_limit_min`` minutes of training; with ``parallel`` ddp or fsdp2, as ``nproc``
+    processes under torchrun. (exit code, seconds)."""
     env = dict(os.environ)
     pkg_root = str(Path(__file__).resolve().parents[3])
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if threads:
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[k] = str(threads)
-    code = ("import sys; from cage.llama.sweep.cells import run_cell; "
-            "sys.exit(run_cell(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else None))")
-    limit = [] if time_limit_min is None else [repr(time_limit_min)]
+    argv = ["-m", __name__, str(cell_dir), "--parallel", parallel]
+    if time_limit_min is not None:
+        argv += ["--time-limit", repr(time_limit_min)]
+    if parallel != "none":
+        argv = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *argv]
     t0 = time.perf_counter()
     with open(cell_dir / "train.log", "a") as log:
-        rc = subprocess.run([sys.executable, "-c", code, str(cell_dir), *limit], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     return rc, time.perf_counter() - t0
 
 
@@ -153,3 +161,14 @@ def collect(out: Path, cells: list[Cell]) -> list[dict]:
             r["error"] = json.loads((d / "diverged.json").read_text())["error"]
         recs.append(r)
     return recs
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="run one sweep cell (see launch)")
+    parser.add_argument("cell_dir")
+    parser.add_argument("--time-limit", type=float)
+    parser.add_argument("--parallel", default="none")
+    a = parser.parse_args()
+    sys.exit(run_cell(a.cell_dir, a.time_limit, a.parallel))

@@ -76,7 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help=f"corpus path, or one assembled from a package: {', '.join(ASSEMBLED)} "
                    "(see cage/llama/sweep/corpora.py; default: the preset's)")
     p.add_argument("--jobs", type=int, help="cells run at once (separate processes)")
-    p.add_argument("--threads", type=int, help="torch threads per cell")
+    p.add_argument("--threads", type=int, help="torch threads per cell (per process of a cell)")
+    p.add_argument("--parallel", choices=("none", "ddp", "fsdp2"),
+                   help="run each cell as --nproc-per-node processes under torchrun (cage train --parallel)")
+    p.add_argument("--nproc-per-node", type=int, help="processes per cell with --parallel (default: 2)")
     p.add_argument("--name", help="name of the sweep: runs/sweep-<name>, accuracy-<name>.* (default: the preset)")
     p.add_argument("--out", help="folder of the cells (default: runs/sweep-<name>)")
     p.add_argument("--results-dir", help="where accuracy-<name>.* go (default: <out>/results; the committed "
@@ -173,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
         write_report(out, results_dir, p, cells)
         print(f"sweep: report written to {results_dir}/accuracy-{p['name']}.*")
         return 0
+    parallel, nproc = args.parallel or "none", args.nproc_per_node or 2
+    if args.nproc_per_node is not None and (parallel == "none" or nproc < 1):
+        raise ValueError(f"sweep: --nproc-per-node must be >= 1 and goes with --parallel ddp|fsdp2, "
+                         f"got {args.nproc_per_node} with --parallel {parallel}")
     if args.time_limit is not None and not (args.time_limit > 0 and math.isfinite(args.time_limit)):
         raise ValueError(f"sweep: --time-limit must be a number of minutes > 0, got {args.time_limit}")
     corpus = out / "corpus" / f"{p['data']}.txt"
@@ -208,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             if limit <= 0:
                 return c, "not started (time limit)", 0.0
         (d / "failed.json").unlink(missing_ok=True)
-        rc, secs = launch(d, p["threads"], limit)
+        rc, secs = launch(d, p["threads"], limit, parallel, nproc)
         st = cell_status(d)
         if rc == 0 and st == "partial" and limit is not None:
             st = "paused (time limit)"  # checkpointed; the next invocation continues it
