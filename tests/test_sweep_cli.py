@@ -25,7 +25,7 @@ def work(tmp_path, monkeypatch):
     (tmp_path / "text.txt").write_text("to be or not to be that is the question\n" * 100)
     launched = []
 
-    def launch(cell_dir, threads, time_limit_min=None):
+    def launch(cell_dir, threads, *rest):
         launched.append(Path(cell_dir).name)
         return 0, 0.0
 
