@@ -109,6 +109,15 @@ def quantization_error(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     return w - quantize(w, config)[0]
 
 
+def decay_and_update_moments(work, g, exp_avg, exp_avg_sq, *, lr: float, beta1: float, beta2: float,
+                             weight_decay: float) -> None:
+    """AdamW's decoupled weight decay and moment updates, in place, in torch.optim.AdamW's order."""
+    if weight_decay != 0:
+        work.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+
 def adamw_cage_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -140,10 +149,8 @@ def adamw_cage_step(
     if cage_on and coupling == "coupled":
         g = g + cage_lambda * quantization_error(work, quant)
 
-    if weight_decay != 0:
-        work.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    decay_and_update_moments(work, g, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2,
+                             weight_decay=weight_decay)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1

@@ -111,10 +111,8 @@ def traced_adamw_cage_step(param, grad, exp_avg, exp_avg_sq, step: torch.Tensor,
     g = grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)
     if quant is not None and coupling == "coupled":
         g = g + cage_lambda * naive.quantization_error(work, quant)
-    if weight_decay != 0:
-        work.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    naive.decay_and_update_moments(work, g, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2,
+                                   weight_decay=weight_decay)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size_neg = (lr / bias_correction1).neg()
