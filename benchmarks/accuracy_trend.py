@@ -1,6 +1,6 @@
 """When does CAGE pay off? The budget ladder on two corpora, plus a lambda ablation (issue 11).
 
-    python benchmarks/accuracy_trend.py run [--rungs 1,3,10,30] [--corpora plays,enwiki] [--time-limit MIN]
+    python benchmarks/accuracy_trend.py run [--rungs 1,3,10,30] [--corpora plays,enwiki] [--seeds 0,1,2] [--time-limit MIN]
     python benchmarks/accuracy_trend.py ablation [--rungs 10,30] [--bits 3,4] [--corpus plays]
     python benchmarks/accuracy_trend.py report
 
@@ -8,6 +8,8 @@ Each (corpus, rung) is one ``python -m cage sweep --preset trend --tokens-per-pa
 ``runs/trend/<corpus>-t<T>/`` (resumable: run the same command again after an interruption; with
 ``--time-limit`` it stops after that many minutes and the next call continues). The ladder runs
 rung by rung, both corpora at each, so a partial ladder is complete at its lower rungs.
+``--seeds`` replaces the preset's seeds 0,1,2 (a rung extended to more seeds keeps its finished
+cells); the report pairs every main-matrix seed it finds in a rung's folder and states each n.
 ``ablation`` adds lambda x silence cells (cage only, read on the **val** split) to the sweeps of
 the given rungs; they reuse those sweeps' quest cells. ``report`` writes
 ``benchmarks/results/accuracy-trend.{json,md,png}`` from whatever cells exist, with each n.
@@ -68,7 +70,8 @@ def _run_all(jobs: list[tuple[str, float, list[str]]], time_limit: float | None)
 
 
 def run(args) -> int:
-    jobs = [(c, r, []) for r in args.rungs for c in args.corpora]
+    extra = [] if args.seeds is None else ["--seeds", args.seeds]
+    jobs = [(c, r, extra) for r in args.rungs for c in args.corpora]
     return _run_all(jobs, args.time_limit)
 
 
@@ -89,11 +92,28 @@ def _preset(corpus: str, rung: float, extra: list[str] | None = None) -> dict:
     return preset_from_args(p.parse_args(sweep_argv(corpus, rung, extra or [])[1:]))
 
 
+def main_seeds(out: Path) -> list[int]:
+    """The seeds of the main matrix that have a cell in a rung's folder (started or finished);
+    the preset's seeds when there is none yet."""
+    seeds = set()
+    for f in out.glob("*/cell.json"):
+        cell = json.loads(f.read_text())["cell"]
+        if cell.get("role") == "main":
+            seeds.add(int(cell["seed"]))
+    return sorted(seeds) or list(_preset_seeds())
+
+
+def _preset_seeds() -> tuple[int, ...]:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return preset_from_args(p.parse_args(["--preset", "trend"]))["seeds"]
+
+
 def rung_summary(corpus: str, rung: float) -> dict | None:
     out = RUNS / f"{corpus}-{_rung_name(rung)}"
     if not out.is_dir():
         return None
-    p = _preset(corpus, rung)
+    p = _preset(corpus, rung, ["--seeds", ",".join(map(str, main_seeds(out)))])
     recs = collect(out, plan_cells(p))
     if not any(r["status"] == "done" for r in recs):
         return None
@@ -258,6 +278,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run")
     r.add_argument("--rungs", type=_floats, default=DEFAULT_RUNGS)
     r.add_argument("--corpora", type=lambda s: tuple(s.split(",")), default=tuple(CORPUS_DATA))
+    r.add_argument("--seeds", help="comma list of the main matrix's seeds (default: the trend preset's 0,1,2)")
     r.add_argument("--time-limit", type=float)
     a = sub.add_parser("ablation")
     a.add_argument("--rungs", type=_floats, default=(10.0, 30.0))

@@ -78,3 +78,24 @@ def test_report_writes_json_markdown_and_plot(trend, monkeypatch, tmp_path):
     md = (results / "accuracy-trend.md").read_text()
     assert "| plays | 1 |" in md and "+0.0000 ± 0.0058 (n=3)" in md
     assert (results / "accuracy-trend.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rung_extended_to_more_seeds_is_reported_with_all_of_them(trend, monkeypatch):
+    out = trend.RUNS / "plays-t3"
+    for seed in range(5):
+        for name, role in ((f"quest-w4-s{seed}", "main"), (f"cage-w4-l20-r0.5-s{seed + 10}", "ablation")):
+            (out / name).mkdir(parents=True)
+            (out / name / "cell.json").write_text(json.dumps({"cell": {"seed": seed if role == "main" else seed + 10,
+                                                                        "role": role}}))
+    assert trend.main_seeds(out) == [0, 1, 2, 3, 4]  # ablation seeds are not main-matrix seeds
+    planned = {}
+
+    def collect(out, cells):
+        planned["seeds"] = sorted({c.seed for c in cells})
+        return _cells([0.01, 0.02, 0.03, 0.02, 0.01])
+
+    monkeypatch.setattr(trend, "collect", collect)
+    row = trend.rung_summary("plays", 3.0)
+    assert planned["seeds"] == [0, 1, 2, 3, 4]
+    assert row["per_bits"]["4"]["paired_cage_minus_quest"]["n"] == 5
+    assert trend.main_seeds(trend.RUNS / "enwiki-t3") == [0, 1, 2]  # nothing there yet: the preset's
