@@ -70,7 +70,7 @@ def test_top_k_1_is_greedy(exported):
 
 @pytest.mark.parametrize("argv, message", [
     (["export", "--run", "{tmp}/absent", "--out", "{tmp}/m.bin"], "--run: no run folder"),
-    (["export", "--run", "{tmp}", "--out", "{tmp}/m.bin"], "--run: no checkpoint.pt in"),
+    (["export", "--run", "{tmp}", "--out", "{tmp}/m.bin"], "--run: no checkpoint in"),
     (["export", "--run", "{run}", "--out", "{tmp}/no/such/m.bin"], "--out: the folder"),
     (["generate", "--model", "{model}", "--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["generate", "--model", "{model}", "--prompt", "x", "--top-k", "0"], "--top-k must be at least 1"),

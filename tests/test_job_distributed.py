@@ -21,6 +21,8 @@ import pytest
 import torch
 
 from cage.llama import cli
+from cage.llama.export import load_run_model
+from cage.llama.generate import load_model
 from cage.llama.job import TrainConfig, build_model, train
 from cage.llama.job import distributed as dist_mod
 from cage.llama.job.checkpoint import CHECKPOINT, DCP_DIR, DCP_STATE, load_model_state
@@ -88,9 +90,15 @@ def one_process(tmp_path_factory):
     return out
 
 
-def test_ddp_with_gradient_accumulation_matches_one_process(tmp_path, one_process):
-    out = tmp_path / "ddp"
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
     proc = torchrun(out, parallel="ddp", grad_accum=2, verbose=True)  # 2 sequences per micro-batch
+    return out, proc
+
+
+def test_ddp_with_gradient_accumulation_matches_one_process(ddp_run, one_process):
+    out, proc = ddp_run
     assert_same_run(out, one_process)
     # rank 0 alone prints and writes: one header, one CSV row per step, a DCP checkpoint
     assert proc.stdout.count("cage train: method cage") == 1 and "ddp over 2 processes" in proc.stdout
@@ -98,6 +106,19 @@ def test_ddp_with_gradient_accumulation_matches_one_process(tmp_path, one_proces
         str(s) for s in range(1, 9)]
     assert (out / DCP_DIR / DCP_STATE).is_file() and not (out / CHECKPOINT).exists()
     assert json.loads((out / "metrics.json").read_text())["parallel"] == {"mode": "ddp", "processes": 2}
+
+
+def test_a_ddp_run_exports_from_its_dcp_checkpoint(ddp_run, tmp_path):
+    out, _ = ddp_run
+    path = tmp_path / "model.safetensors"
+    assert cli.main(["export", "--run", str(out), "--out", str(path)]) == 0
+    qat, cfg = load_run_model(out)
+    assert cfg.parallel == "ddp" and cfg.method == "cage"
+    trained = load_model_state(out)
+    assert all(torch.equal(qat.state_dict()[k], trained[k]) for k in trained)  # the DCP shards, gathered
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_model(path)(idx)[0], qat(idx)[0])
 
 
 def test_fsdp2_stopped_run_resumes_on_one_process(tmp_path, one_process):

@@ -1,10 +1,10 @@
 """Convert a training run's checkpoint into a packed low-bit model file.
 
-Reads RUN/checkpoint.pt (written by ``python -m cage train --out RUN``), rebuilds the run's QAT
-model, converts every quantized layer to packed grid codes and row scales (``cage.convert``),
+Reads the run's latest checkpoint (written by ``python -m cage train --out RUN``: RUN/checkpoint.pt
+from one process, or the DCP folder RUN/checkpoint/ from torchrun with ddp or fsdp2, whose shards
+are gathered into full tensors), rebuilds the run's QAT model, converts every quantized layer to packed grid codes and row scales (``cage.convert``),
 writes FILE (``cage.save_quantized``: safetensors when installed, else a torch.save archive) and
 prints its size against a bf16 checkpoint. ``python -m cage generate --model FILE`` samples from it.
-Distributed runs' DCP checkpoint folders are not read yet.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from ..convert import convert
 from ..serialize import format_size_report, save_quantized
 from .job.build import build_model
-from .job.checkpoint import CHECKPOINT, load_checkpoint
+from .job.checkpoint import CHECKPOINT, DCP_DIR, DCP_STATE, find_checkpoint, load_model_state
 from .job.config import TrainConfig
 
 # the header's ``extra`` keys that generate reads back
@@ -27,27 +27,22 @@ TRAIN_CONFIG_KEY = "train_config"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, metavar="DIR", help=f"the run's folder (holds {CHECKPOINT})")
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help=f"the run's folder (holds {CHECKPOINT}, or {DCP_DIR}/ from a torchrun run)")
     p.add_argument("--out", required=True, metavar="FILE", help="the quantized model file to write")
 
 
-def _checkpoint_path(run: Path) -> Path:
+def load_run_model(run) -> tuple[torch.nn.Module, TrainConfig]:
+    """The run's QAT model (on the CPU, eval mode) with its latest checkpoint's weights, and its config."""
+    run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"--run: no run folder at {run}")
-    path = run / CHECKPOINT
-    if not path.is_file():
-        hint = (" (a distributed DCP checkpoint folder: export reads single-file checkpoints only, for now)"
-                if (run / "checkpoint").is_dir() else "")
-        raise FileNotFoundError(f"--run: no {CHECKPOINT} in {run}{hint}")
-    return path
-
-
-def load_run_model(run) -> tuple[torch.nn.Module, TrainConfig]:
-    """The run's QAT model (on the CPU, eval mode) with the checkpoint's weights, and its config."""
-    state = load_checkpoint(_checkpoint_path(Path(run)))
-    cfg = TrainConfig.from_dict(state["config"])
+    ckpt = find_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"--run: no checkpoint in {run} (neither {CHECKPOINT} nor {DCP_DIR}/{DCP_STATE})")
+    cfg = TrainConfig.from_dict(ckpt["config"])
     model, _, _ = build_model(cfg, torch.device("cpu"))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(load_model_state(run, ckpt))
     return model.eval(), cfg
 
 

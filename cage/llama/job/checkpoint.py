@@ -189,10 +189,11 @@ def _optimizer_state_by_name(saved: dict, optimizer, model) -> dict:
     }
 
 
-def load_model_state(out: Path) -> dict | None:
+def load_model_state(out: Path, ckpt: dict | None = None) -> dict | None:
     """The model weights of ``out``'s checkpoint as full tensors keyed like
-    ``Llama.state_dict()`` (either format), or None without a checkpoint."""
-    ckpt = find_checkpoint(out)
+    ``Llama.state_dict()`` (either format), or None without a checkpoint. ``ckpt``: what
+    ``find_checkpoint(out)`` returned, when the caller has it already."""
+    ckpt = find_checkpoint(out) if ckpt is None else ckpt
     if ckpt is None:
         return None
     if "dcp" not in ckpt:
