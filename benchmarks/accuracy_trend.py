@@ -92,15 +92,20 @@ def _preset(corpus: str, rung: float, extra: list[str] | None = None) -> dict:
     return preset_from_args(p.parse_args(sweep_argv(corpus, rung, extra or [])[1:]))
 
 
+def _cells_on_disk(out: Path) -> list[dict]:
+    return [json.loads(f.read_text())["cell"] for f in sorted(out.glob("*/cell.json"))]
+
+
 def main_seeds(out: Path) -> list[int]:
-    """The seeds of the main matrix that have a cell in a rung's folder (started or finished);
-    the preset's seeds when there is none yet."""
-    seeds = set()
-    for f in out.glob("*/cell.json"):
-        cell = json.loads(f.read_text())["cell"]
-        if cell.get("role") == "main":
-            seeds.add(int(cell["seed"]))
+    """The seeds of the main matrix that have a quest or bf16 cell in a rung's folder (started
+    or finished; an ablation seed adds cage cells only); the preset's seeds when there is none yet."""
+    seeds = {int(c["seed"]) for c in _cells_on_disk(out) if c.get("role") == "main" and c["method"] in ("quest", "bf16")}
     return sorted(seeds) or list(_preset_seeds())
+
+
+def ablation_seeds(out: Path, bits: int) -> list[int]:
+    """The seeds that have a non-default ablation cell at ``bits`` in a rung's folder."""
+    return sorted({int(c["seed"]) for c in _cells_on_disk(out) if c.get("role") == "ablation" and c["bits"] == bits})
 
 
 def _preset_seeds() -> tuple[int, ...]:
@@ -135,28 +140,36 @@ def rung_summary(corpus: str, rung: float) -> dict | None:
     return row
 
 
-def ablation_summary(corpus: str, rung: float, bits: int, seeds: str) -> dict | None:
+def ablation_summary(corpus: str, rung: float, bits: int, seeds: str | None = None) -> dict | None:
+    """The lambda x silence ablation at ``bits`` in a rung's folder, chosen on val; its seeds are
+    ``seeds`` (a comma list) or those found on disk."""
     out = RUNS / f"{corpus}-{_rung_name(rung)}"
     if not out.is_dir():
         return None
-    p = _preset(corpus, rung, ["--ablation-bits", str(bits), "--ablation-seeds", seeds])
+    seeds = seeds or ",".join(map(str, ablation_seeds(out, bits)))
+    if not seeds:
+        return None  # no ablation ran here
+    p = _preset(corpus, rung, ["--seeds", ",".join(map(str, main_seeds(out))),
+                               "--ablation-bits", str(bits), "--ablation-seeds", seeds])
     recs = collect(out, plan_cells(p))
     ab = aggregate(recs, p)["ablation"]
     if not any(s["mean"] is not None and not s["is_default"] for s in ab["settings"]):
-        return None  # only the main cage cell: no ablation ran here
+        return None  # only the main cage cell: no ablation finished here
     settings = [{"cage_lambda": s["cage_lambda"], "silence_ratio": s["silence_ratio"], "val_mean": s["mean"], "n": s["n"],
+                 "diverged": s["diverged"], "complete": s["complete"],
                  "paired_minus_quest_val": s["paired_minus_quest"]["mean"]} for s in ab["settings"]]
     best = ab["best"]
     test = None
-    if best is not None:  # the chosen setting's test loss, next to the SPEC default's, on the same seeds
-        def test_of(lam, sil):
-            vals = [r["test"] for r in recs if r["method"] == "cage" and r["bits"] == bits and r["status"] == "done"
-                    and r["cage_lambda"] == lam and r["silence_ratio"] == sil and r["seed"] in p["ablation_seeds"]]
-            return sum(vals) / len(vals) if vals else None
-        q = [r["test"] for r in recs if r["method"] == "quest" and r["bits"] == bits and r["status"] == "done"
-             and r["seed"] in p["ablation_seeds"]]
-        test = {"chosen": test_of(best["cage_lambda"], best["silence_ratio"]), "spec_default": test_of(10.0, 0.8),
-                "quest": sum(q) / len(q) if q else None}
+    if best is not None:  # the chosen setting's test loss next to the SPEC default's and quest's, on the seeds all three finished
+        def test_by_seed(method, lam=10.0, sil=0.8):
+            return {r["seed"]: r["test"] for r in recs if r["method"] == method and r["bits"] == bits
+                    and r["status"] == "done" and r["cage_lambda"] == lam and r["silence_ratio"] == sil
+                    and r["seed"] in p["ablation_seeds"]}
+        runs = {"chosen": test_by_seed("cage", best["cage_lambda"], best["silence_ratio"]),
+                "spec_default": test_by_seed("cage"), "quest": test_by_seed("quest")}
+        common = sorted(set.intersection(*(set(v) for v in runs.values())))
+        test = {k: (sum(v[s] for s in common) / len(common) if common else None) for k, v in runs.items()}
+        test["seeds"] = common
     return {"corpus": corpus, "tokens_per_param": rung, "bits": bits, "seeds": list(p["ablation_seeds"]),
             "settings": settings, "best_on_val": best, "test": test}
 
@@ -172,7 +185,8 @@ def markdown(report: dict) -> str:
          "clip 1.0, warm-up + cosine), batch 16 x 128 bytes, bf16 / QuEST / CAGE at W4A4 and W3A3, CAGE at the "
          "SPEC defaults (lambda 10, silence 0.8, linear ramp, decoupled). Final loss on the held-out **test** split "
          "(nats/byte); `cage - quest` is paired by seed (same init and batches), mean ± standard error (n seeds). "
-         "Recovered fraction: (quest - cage) / (quest - bf16) of the means.", "",
+         "Recovered fraction: (quest - cage) / (quest - bf16) of the means over the seeds where all three finished "
+         "(the loss columns are means over each method's own finished seeds; they are the same seeds once a rung is complete).", "",
          "| corpus | tokens/param | steps | bf16 | quest W4 | cage - quest W4 | recovered W4 | quest W3 | cage - quest W3 | recovered W3 | grid distance W3 quest / cage |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rungs"]:
@@ -287,7 +301,7 @@ def main(argv=None) -> int:
     a.add_argument("--seeds", default="0")
     a.add_argument("--time-limit", type=float)
     rep = sub.add_parser("report")
-    rep.add_argument("--ablation-seeds", default="0")
+    rep.add_argument("--ablation-seeds", help="comma list (default: the seeds of the ablation cells found)")
     rep.add_argument("--results-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.what == "run":

@@ -64,7 +64,16 @@ def test_an_ablation_needs_a_non_default_setting_and_is_chosen_on_val(trend, mon
     a = trend.ablation_summary("plays", 30.0, 3, "0")
     # lambda 40 has the lower test loss but the higher val loss: the choice is made on val
     assert (a["best_on_val"]["cage_lambda"], a["best_on_val"]["silence_ratio"]) == (20.0, 0.5)
-    assert a["test"] == {"chosen": pytest.approx(2.15), "spec_default": pytest.approx(2.2), "quest": pytest.approx(2.2)}
+    assert a["test"] == {"chosen": pytest.approx(2.15), "spec_default": pytest.approx(2.2), "quest": pytest.approx(2.2),
+                         "seeds": [0]}
+    # over two ablation seeds, a setting finished on one only does not compete; the test numbers
+    # compare the chosen setting, the default and quest on the seeds all three finished
+    two_seeds = ablated + [_record("cage", 3, 1, test=2.3, lam=40.0, sil=0.5, val=2.0)]
+    monkeypatch.setattr(trend, "collect", lambda out, cells: two_seeds)
+    a = trend.ablation_summary("plays", 30.0, 3, "0,1")
+    assert (a["best_on_val"]["cage_lambda"], a["best_on_val"]["silence_ratio"]) == (40.0, 0.5)
+    assert a["test"]["seeds"] == [0, 1] and a["test"]["chosen"] == pytest.approx((2.05 + 2.3) / 2)
+    assert {(x["cage_lambda"], x["silence_ratio"]): x["complete"] for x in a["settings"]}[(20.0, 0.5)] is False
 
 
 def test_report_writes_json_markdown_and_plot(trend, monkeypatch, tmp_path):
@@ -82,12 +91,17 @@ def test_report_writes_json_markdown_and_plot(trend, monkeypatch, tmp_path):
 
 def test_a_rung_extended_to_more_seeds_is_reported_with_all_of_them(trend, monkeypatch):
     out = trend.RUNS / "plays-t3"
+    def cell(name, method, seed, role="main"):
+        (out / name).mkdir(parents=True)
+        (out / name / "cell.json").write_text(json.dumps({"cell": {"method": method, "bits": 4, "seed": seed, "role": role}}))
+
     for seed in range(5):
-        for name, role in ((f"quest-w4-s{seed}", "main"), (f"cage-w4-l20-r0.5-s{seed + 10}", "ablation")):
-            (out / name).mkdir(parents=True)
-            (out / name / "cell.json").write_text(json.dumps({"cell": {"seed": seed if role == "main" else seed + 10,
-                                                                        "role": role}}))
-    assert trend.main_seeds(out) == [0, 1, 2, 3, 4]  # ablation seeds are not main-matrix seeds
+        cell(f"quest-w4-s{seed}", "quest", seed)
+        cell(f"cage-w4-l20-r0.5-s{seed + 10}", "cage", seed + 10, role="ablation")
+        cell(f"cage-w4-s{seed + 10}", "cage", seed + 10)  # the ablation's default setting is a main-role cell
+    # ablation seeds are not main-matrix seeds: they have no quest or bf16 cell
+    assert trend.main_seeds(out) == [0, 1, 2, 3, 4]
+    assert trend.ablation_seeds(out, 4) == [10, 11, 12, 13, 14] and trend.ablation_seeds(out, 3) == []
     planned = {}
 
     def collect(out, cells):

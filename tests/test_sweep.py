@@ -92,12 +92,16 @@ def test_summarize_and_paired():
     assert p["mean"] == pytest.approx(-1.4 / 3)
     assert p["se"] == pytest.approx(p["std"] / math.sqrt(3)) and p["resolved"] is True
     assert paired({0: 1.0, 1: 2.0}, {0: 2.0, 1: 1.0})["resolved"] is False
+    assert paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})["resolved"] is False  # no spread, no difference
+    assert paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 2.5})["resolved"] is True  # no spread, a difference
+    assert paired({0: 1.0}, {0: 2.0})["resolved"] is None  # one seed: no standard error
 
 
 def test_recovered_fraction():
     assert recovered_fraction(3.0, 3.2, 3.15) == pytest.approx(0.25)
     assert recovered_fraction(3.0, 3.2, 3.25) == pytest.approx(-0.25)  # worse than quest
     assert recovered_fraction(3.0, 3.0, 3.1) is None and recovered_fraction(None, 3.2, 3.1) is None
+    assert recovered_fraction(3.0, 2.99, 2.95) is None  # quest not worse than bf16: no gap to recover
 
 
 def _records(losses, val_shift=0.0):
@@ -168,6 +172,23 @@ def test_aggregate_on_synthetic_numbers():
     assert agg2["per_bits"]["4"]["ranking"] == ["bf16", "quest", "cage", "ste"]
     assert agg2["claims"]["cage_w4_recovers_more_than_10pct_of_quest_gap"]["holds"] is False
     assert agg2["claims"]["ranking_bf16_cage_quest_ste_at_every_bits"]["holds"] is False
+    # A cell still to run leaves the ranking claim open, not failed.
+    todo = [r for r in _records(losses2) if not (r["method"] == "ste" and r["bits"] == 4 and r["seed"] == 1)]
+    agg3 = aggregate(todo, p)
+    assert agg3["per_bits"]["4"]["paper_ranking_holds"] is None and agg3["per_bits"]["3"]["paper_ranking_holds"] is True
+    assert agg3["claims"]["ranking_bf16_cage_quest_ste_at_every_bits"]["holds"] is None
+
+
+def test_the_ablation_choice_compares_settings_finished_on_every_seed():
+    p = dict(methods=("quest", "cage"), bits=(3,), seeds=(0, 1), ablation_bits=3,
+             lambdas=(10.0, 20.0, 40.0), silences=(0.8,), ablation_seeds=(0, 1))
+    losses = {("quest", 3, 0): 3.4, ("quest", 3, 1): 3.41, ("cage", 3, 0): 3.3, ("cage", 3, 1): 3.31,
+              ("cage", 3, 0, 20.0, 0.8): 3.0,  # best on its one finished seed, the other still to run
+              ("cage", 3, 0, 40.0, 0.8): 2.9, ("cage", 3, 1, 40.0, 0.8): "nan"}  # one seed diverged
+    ab = aggregate(_records(losses), p)["ablation"]
+    assert (ab["best"]["cage_lambda"], ab["best"]["silence_ratio"]) == (10.0, 0.8) and ab["best_is_default"]
+    complete = {a["cage_lambda"]: a["complete"] for a in ab["settings"]}
+    assert complete == {10.0: True, 20.0: False, 40.0: False}
 
 
 # ---------------------------------------------------------------- presets
@@ -209,3 +230,18 @@ def test_gpu_preset_is_the_paper_30M_shape_and_steps(tmp_path, small_text):
                                     Cell("cage", 4, 0), tmp_path, str(small_text))
     m = train(TrainConfig.from_dict({**small, "out": None, "verbose": False, "silence_ratio": 0.0}))
     assert m["completed"] and math.isfinite(m["final_test_loss"])
+
+
+def test_the_grid_distance_cache_is_dropped_when_the_cell_trains_again(tmp_path):
+    import json
+    import os
+
+    from cage.llama.job import TrainConfig
+    from cage.llama.sweep.cells import weight_grid_error
+
+    (tmp_path / "cell.json").write_text(json.dumps({"train_config": TrainConfig(method="bf16").to_dict()}))
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "grid.json").write_text(json.dumps({"weight_rel_quant_error": 0.5}))
+    assert weight_grid_error(tmp_path) == 0.5  # cached after the metrics
+    os.utime(tmp_path / "grid.json", (1, 1))  # the cell's metrics.json is newer: recomputed (bf16 has no grid)
+    assert weight_grid_error(tmp_path) is None

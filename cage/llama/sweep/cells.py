@@ -114,9 +114,10 @@ def launch(cell_dir: Path, threads: int | None, time_limit_min: float | None = N
 def weight_grid_error(cell_dir: Path) -> float | None:
     """||W - Q(W)|| / ||W|| over all quantized weights of a finished cell's final checkpoint: how
     close training left the weights to their quantization grid (what CAGE's term pulls on).
-    Cached in grid.json; None without a checkpoint or quantizer."""
-    cache = cell_dir / "grid.json"
-    if cache.is_file():
+    Cached in grid.json, trusted while it is newer than the cell's metrics.json (a cell trained
+    again gets a new value); None without a checkpoint or quantizer."""
+    cache, metrics = cell_dir / "grid.json", cell_dir / "metrics.json"
+    if cache.is_file() and (not metrics.is_file() or cache.stat().st_mtime >= metrics.stat().st_mtime):
         return json.loads(cache.read_text())["weight_rel_quant_error"]
     import torch
 

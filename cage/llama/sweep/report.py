@@ -128,7 +128,7 @@ def markdown(report: dict) -> str:
         if m in p["methods"]:
             L.append(f"| {m} | " + " | ".join(_ms(agg["cells"][f"{m}-w{b}"]) for b in bits) + " |")
     L.append("")
-    L.append("Gap to bf16 (mean loss minus bf16's mean loss):")
+    L.append("Gap to bf16 (method minus bf16, paired by seed over the seeds both finished):")
     L.append("")
     L.append("| method | " + " | ".join(f"W{b}A{b}" for b in bits) + " |")
     L.append("|---|" + "---|" * len(bits))
@@ -144,7 +144,7 @@ def markdown(report: dict) -> str:
         v = agg["per_bits"][str(b)]
         pc = v["paired_cage_minus_quest"]
         per = ", ".join(f"{float(x):+.4f}" for x in pc["per_seed"].values())
-        L.append(f"| W{b}A{b} | {' < '.join(v['ranking'])} | {v['paper_ranking_holds']} | {_rf(v['recovered_fraction'])} "
+        L.append(f"| W{b}A{b} | {' < '.join(v['ranking'])} | {_holds(v['paper_ranking_holds'])} | {_rf(v['recovered_fraction'])} "
                  f"| {_f(pc['mean'])} ± {_f(pc['std'])} (n={pc['n']}; {per}) | {pc['resolved']} |")
     L.append("")
     L.append("## SPEC 3 claims")
@@ -154,7 +154,7 @@ def markdown(report: dict) -> str:
     L.append("|---|---|---|")
     r = cl["ranking_bf16_cage_quest_ste_at_every_bits"]
     order = " < ".join(m for m in ("bf16", "cage", "quest", "ste") if m in p["methods"])
-    L.append(f"| {order} at every bit width | {r['per_bits']} | {r['holds']} |")
+    L.append(f"| {order} at every bit width | { {b: _holds(h) for b, h in r['per_bits'].items()} } | {_holds(r['holds'])} |")
     if "cage_w4_recovers_more_than_10pct_of_quest_gap" in cl:
         c = cl["cage_w4_recovers_more_than_10pct_of_quest_gap"]
         L.append(f"| CAGE W4A4 recovers > 10% of QuEST's gap | {_f(c['value'], 3)} | {c['holds']} |")
@@ -176,6 +176,10 @@ def markdown(report: dict) -> str:
     return "\n".join(L)
 
 
+def _holds(v) -> str:
+    return "open (cells still to run)" if v is None else str(v)
+
+
 def _ablation_md(L: list, ab: dict) -> None:
     L.append(f"## Ablation: CAGE lambda x silence ratio, W{ab['bits']}A{ab['bits']}, **validation** loss")
     L.append("")
@@ -187,7 +191,8 @@ def _ablation_md(L: list, ab: dict) -> None:
         L.append(f"| {a['cage_lambda']:g} | {a['silence_ratio']:g} | {_ms(a)} | {_f(a['paired_minus_quest']['mean'])} | {'yes' if a['is_default'] else ''} |")
     L.append("")
     if ab["best"]:
-        L.append(f"Validation prefers lambda {ab['best']['cage_lambda']:g}, silence {ab['best']['silence_ratio']:g} "
+        L.append(f"Among the settings finished on every ablation seed, validation prefers lambda "
+                 f"{ab['best']['cage_lambda']:g}, silence {ab['best']['silence_ratio']:g} "
                  f"({'the SPEC default' if ab['best_is_default'] else 'not the SPEC default'}); the main table does not use this choice.")
         L.append("")
 

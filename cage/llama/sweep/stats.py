@@ -20,21 +20,22 @@ def summarize(values: list[float]) -> dict:
 
 
 def recovered_fraction(bf16: float | None, quest: float | None, cage: float | None) -> float | None:
-    """CAGE's share of QuEST's gap to bf16 that it wins back: (quest - cage) / (quest - bf16)."""
-    if None in (bf16, quest, cage) or quest == bf16:
+    """CAGE's share of QuEST's gap to bf16 that it wins back: (quest - cage) / (quest - bf16).
+    None when QuEST is not worse than bf16: there is no gap to recover, and the ratio's sign would flip."""
+    if None in (bf16, quest, cage) or quest <= bf16:
         return None
     return (quest - cage) / (quest - bf16)
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     """Per-seed differences a - b over the seeds both have: the values, mean, std, standard error,
-    and ``resolved`` = |mean| > 2 standard errors (needs n >= 2)."""
+    and ``resolved`` = |mean| > 2 standard errors (needs n >= 2; no spread and a mean of 0 is not resolved)."""
     seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None
                    and math.isfinite(a[s]) and math.isfinite(b[s]))
     diffs = {s: a[s] - b[s] for s in seeds}
     st = summarize(list(diffs.values()))
     se = st["std"] / math.sqrt(st["n"]) if st["std"] is not None else None
-    resolved = None if se is None else (se == 0 or abs(st["mean"]) > 2 * se)
+    resolved = None if se is None else abs(st["mean"]) > 2 * se
     return {"per_seed": {str(s): d for s, d in diffs.items()}, **st, "se": se, "resolved": resolved}
 
 
@@ -93,10 +94,15 @@ def aggregate(records: list[dict], p: dict) -> dict:
         c = _by_seed(main, "test", method="cage", bits=b)
         s = _by_seed(main, "test", method="ste", bits=b)
         expected = ["bf16", "cage", "quest", "ste"]
+        # judged once every planned cell has an outcome (a loss, or diverged): a cell still to
+        # run leaves the claim open rather than failed
+        finished = all(set(_by_seed(main, "test", method=m, **({} if m == "bf16" else {"bits": b}))) >= set(p["seeds"])
+                       for m in p["methods"])
         per_bits[str(b)] = {
             "ranking": ranked,
-            "paper_ranking_holds": [m for m in ranked if m in expected] == [m for m in expected if m in ranked]
-            and len(ranked) == len([m for m in expected if m in p["methods"]]),
+            "paper_ranking_holds": None if not finished else (
+                [m for m in ranked if m in expected] == [m for m in expected if m in ranked]
+                and len(ranked) == len([m for m in expected if m in p["methods"]])),
             "recovered_fraction": common_recovered_fraction(bf16, q, c),
             "paired_cage_minus_quest": paired(c, q),
             "paired_quest_minus_ste": paired(q, s),
@@ -119,7 +125,8 @@ def aggregate(records: list[dict], p: dict) -> dict:
         }
     claims["ranking_bf16_cage_quest_ste_at_every_bits"] = {
         "per_bits": {b: v["paper_ranking_holds"] for b, v in per_bits.items()},
-        "holds": all(v["paper_ranking_holds"] for v in per_bits.values()) if per_bits else None,
+        "holds": None if not per_bits or any(v["paper_ranking_holds"] is None for v in per_bits.values())
+        else all(v["paper_ranking_holds"] for v in per_bits.values()),
     }
     grid = {}
     for b in p["bits"]:
@@ -150,9 +157,11 @@ def aggregate(records: list[dict], p: dict) -> dict:
                     vals[r["seed"]] = math.inf
         st = cell_summary(vals)
         st.update(cage_lambda=lam, silence_ratio=sil, is_default=(lam, sil) == (DEFAULT_LAMBDA, DEFAULT_SILENCE),
-                  paired_minus_quest=paired(vals, quest_val))
+                  paired_minus_quest=paired(vals, quest_val),
+                  complete=st["diverged"] == 0 and set(vals) >= set(p["ablation_seeds"]))
         abl.append(st)
-    done = [a for a in abl if a["mean"] is not None]
+    # settings compete on the same seeds: only those finished on every ablation seed, none diverged
+    done = [a for a in abl if a["complete"] and a["mean"] is not None]
     best = min(done, key=lambda a: a["mean"]) if done else None
     quest_ab = summarize([quest_val[s] for s in p["ablation_seeds"] if s in quest_val])
     ablation = {
