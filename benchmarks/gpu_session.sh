@@ -8,8 +8,9 @@
 # study:   one chunk of the paper-shaped accuracy study (sweep preset 30M-lease, quest/cage
 #          pairs first) for STUDY_MINUTES (default 8) minutes. A fresh machine starts from the
 #          finished cells committed in benchmarks/results/study-30M-lease/cells/ (checkpoints are
-#          too large to bring back, so a cell in flight when a lease ends starts over); the
-#          finished cells and the report are copied to $OUT/study-30M-lease/ to be committed.
+#          too large to bring back, so a cell cut by the limit would start over: --whole-cells
+#          starts a cell only when the slowest finished one would still fit); the finished
+#          cells and the report are copied to $OUT/study-30M-lease/ to be committed.
 set -u
 cd "$(dirname "$0")/.."
 part=${1:-all}
@@ -31,7 +32,7 @@ if [ "$part" = study ]; then
   runs=runs/sweep-30M-lease
   mkdir -p "$runs"
   [ -d "$keep/cells" ] && cp -rn "$keep/cells/." "$runs/"
-  timeout 590 python -m cage sweep --preset 30M-lease --time-limit "${STUDY_MINUTES:-8}" \
+  timeout 590 python -m cage sweep --preset 30M-lease --time-limit "${STUDY_MINUTES:-8}" --whole-cells \
     --out "$runs" --results-dir "$runs/results" || status=1
   if [ -n "${OUT:-}" ]; then
     for d in "$runs"/*/; do

@@ -62,6 +62,26 @@ def test_time_limited_invocations_pause_cells_and_the_next_one_finishes_them(tmp
     assert "time limit of" in (tmp_path / "sw" / "quest-w4-s0" / "train.log").read_text()
 
 
+def test_whole_cells_starts_only_a_cell_that_fits_in_the_time_left(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text("to be or not to be that is the question\n" * 200)
+    argv = ["sweep", "--preset", "tiny", "--methods", "quest,cage", "--bits", "4", "--seeds", "0",
+            "--ablation-seeds", "", "--steps", "4", "--data", "text.txt", "--out", "sw", "--jobs", "1"]
+    assert cli.main([*argv, "--max-cells", "1"]) == 0  # quest-w4-s0 finishes
+    metrics = tmp_path / "sw" / "quest-w4-s0" / "metrics.json"
+    m = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**m, "wall_time_s": 600.0}))  # as if a cell took 10 minutes
+    capsys.readouterr()
+    assert cli.main([*argv, "--time-limit", "5", "--whole-cells"]) == 0
+    assert "cage-w4-s0: not started (needs ~600s, " in capsys.readouterr().out
+    assert cells_mod.cell_status(tmp_path / "sw" / "cage-w4-s0") == "todo"
+    metrics.write_text(json.dumps(m))  # at its real speed the next cell fits
+    assert cli.main([*argv, "--time-limit", "5", "--whole-cells"]) == 0
+    assert cells_mod.cell_status(tmp_path / "sw" / "cage-w4-s0") == "done"
+    assert cli.main([*argv, "--whole-cells"]) == 2
+    assert "--whole-cells goes with --time-limit" in capsys.readouterr().err
+
+
 def test_bad_time_limit_is_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["sweep", "--preset", "tiny", "--time-limit", "-1"]) == 2

@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "model parameter (steps = budget x parameters / (batch-size x seq-len), rounded)")
     p.add_argument("--time-limit", type=float, help="minutes for this invocation: cells in flight checkpoint "
                    "when it runs out and no cell starts after it; run the same command again to continue")
+    p.add_argument("--whole-cells", action="store_true", help="with --time-limit: start a cell only when the "
+                   "slowest finished cell of this sweep would still finish in the time left (for machines whose "
+                   "checkpoints do not outlive the invocation, as a device lease: a paused cell would start over)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--eval-batches", type=int)
@@ -182,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
                          f"got {args.nproc_per_node} with --parallel {parallel}")
     if args.time_limit is not None and not (args.time_limit > 0 and math.isfinite(args.time_limit)):
         raise ValueError(f"sweep: --time-limit must be a number of minutes > 0, got {args.time_limit}")
+    if args.whole_cells and args.time_limit is None:
+        raise ValueError("sweep: --whole-cells goes with --time-limit MIN")
     corpus = out / "corpus" / f"{p['data']}.txt"
     # relative to the working directory, as --out is: a sweep folder moved to another machine
     # (a device lease) continues there
@@ -207,6 +212,12 @@ def run(args: argparse.Namespace) -> int:
     deadline = None if args.time_limit is None else t0 + 60 * args.time_limit
     failures = 0
 
+    def slowest_finished() -> float | None:
+        secs = [json.loads((d / "metrics.json").read_text()).get("wall_time_s") for d in dirs.values()
+                if cell_status(d) == "done"]
+        secs = [s for s in secs if s is not None]
+        return max(secs) if secs else None
+
     def one(c: Cell):
         d = dirs[c]
         limit = None
@@ -214,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
             limit = (deadline - time.perf_counter()) / 60
             if limit <= 0:
                 return c, "not started (time limit)", 0.0
+            need = slowest_finished() if args.whole_cells else None
+            if need is not None and need > 60 * limit:
+                return c, f"not started (needs ~{need:.0f}s, {60 * limit:.0f}s left)", 0.0
         (d / "failed.json").unlink(missing_ok=True)
         rc, secs = launch(d, p["threads"], limit, parallel, nproc)
         st = cell_status(d)
