@@ -45,8 +45,9 @@ SWEEP_PRESETS: dict[str, dict] = {
     # parameter (30.8M parameters, 940 steps x 64 x 512), quest and cage at W4 and W3 first, then
     # bf16, one seed at a time. Run as `cage sweep --preset 30M-lease --time-limit 8` per command
     # (cells checkpoint when it runs out; the same command continues). Not yet timed on a GPU:
-    # at an assumed 0.15 s per step a cell takes ~2.5 min, a seed's 5 cells about 13 min, so one
-    # seed per lease of 15 minutes, three seeds in three to four leases.
+    # at an assumed 0.15 s per step a cell takes ~2.5 min. A session's 15 minutes of device time
+    # hold the machine's start and one 8-minute chunk, about 3 cells (--whole-cells: none cut),
+    # so a seed's 5 cells take about two sessions and the 3-seed table about five.
     "30M-lease": dict(
         model="30M", steps=940, batch_size=64, seq_len=512, eval_batches=16, lr=None,
         data=PLAYS_PLUS_STDLIB, bits=(4, 3), seeds=(0, 1, 2), methods=("bf16", "quest", "cage"), ablation_bits=4,
