@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cage.llama.cli import main as cage_main  # noqa: E402
-from cage.llama.sweep import aggregate, collect, plan_cells, preset_from_args  # noqa: E402
+from cage.llama.sweep import aggregate, collect, paired, plan_cells, preset_from_args  # noqa: E402
 from cage.llama.sweep.cli import add_arguments  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -127,13 +127,22 @@ def rung_summary(corpus: str, rung: float) -> dict | None:
     row = {"corpus": corpus, "tokens_per_param": rung, "steps": p["steps"], "params": params,
            "cells": {k: {"mean": v["mean"], "std": v["std"], "n": v["n"]} for k, v in agg["cells"].items()},
            "per_bits": {}}
+    def val_by_seed(method, bits):
+        return {r["seed"]: r["val"] for r in recs if r["role"] == "main" and r["status"] == "done"
+                and r["method"] == method and r["bits"] == int(bits)}
+
     for b, v in agg["per_bits"].items():
         pc = v["paired_cage_minus_quest"]
+        pv = paired(val_by_seed("cage", b), val_by_seed("quest", b))
         rf = v["recovered_fraction"]
         row["per_bits"][b] = {
             "paired_cage_minus_quest": {"mean": pc["mean"], "std": pc["std"], "n": pc["n"],
                                         "standard_error": pc["se"], "resolved": pc["resolved"],
                                         "per_seed": pc["per_seed"]},
+            # the same difference on the val split (what the ablation chooses on): how far one
+            # seed's val difference predicts its test difference
+            "paired_cage_minus_quest_val": {"mean": pv["mean"], "standard_error": pv["se"], "n": pv["n"],
+                                            "per_seed": pv["per_seed"]},
             "recovered_fraction": None if rf is None else rf["value"],
             "grid_distance": {m: agg["weight_rel_quant_error"].get(f"{m}-w{b}", {}).get("mean") for m in ("quest", "cage")},
         }

@@ -46,6 +46,8 @@ def test_rung_summary_pairs_by_seed_with_a_standard_error(trend, monkeypatch):
     assert d["mean"] == pytest.approx(-0.02) and d["n"] == 3
     assert d["standard_error"] == pytest.approx(0.01 / math.sqrt(3))
     assert d["resolved"] is True  # |mean| > 2 s.e.
+    # _record's val is test + 0.1: the same paired difference on val
+    assert row["per_bits"]["4"]["paired_cage_minus_quest_val"]["mean"] == pytest.approx(-0.02)
     # means over the seeds: quest 2.11, cage 2.09, bf16 2.01: (2.11 - 2.09) / (2.11 - 2.01)
     assert row["per_bits"]["4"]["recovered_fraction"] == pytest.approx(0.2)
     assert row["per_bits"]["3"]["grid_distance"] == {"quest": pytest.approx(0.25), "cage": pytest.approx(0.2)}
