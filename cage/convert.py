@@ -7,6 +7,12 @@ weight is rebuilt from them by the same fp32 operations, in the same order, as
 ``cage.naive.quantize`` rounds it, so a converted model's forward is bit-identical to the QAT
 model's torch-backend forward. Activations are still fake-quantized at run time, by the same
 function as in training.
+
+When the layer's backend resolves to Triton (CUDA tensors with ``backend="auto"``, or
+``backend="triton"`` under the interpreter), the forward instead multiplies by the packed codes
+directly (``cage_kernels.packed_matmul``: tiles dequantized in registers, fp32 accumulation),
+which agrees with the torch path to rounding, not bit for bit; the torch path stays the CPU
+default and the oracle.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backend as _backend
 from . import naive
 from .config import QuantConfig
 from .functional import fake_quantize
@@ -68,6 +75,12 @@ def dequantize_codes(
         if config.hadamard and rotate_back:
             q = naive.block_rotate(q, config.block_size)
     return q.to(dtype)
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear multiplies x in: autocast's when it is on for x's device."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 class QuantizedLinear(nn.Module):
@@ -148,10 +161,28 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rotate_back = self.rotates_weight_back()
-        w = self.dequantize_weight(rotate_back)
         if self.act_quant is not None:
             x = fake_quantize(x, self.act_quant, backend=self.backend, rotate_back=rotate_back)
-        return F.linear(x, w, self.bias)
+        matmul_dtype = _matmul_dtype(x)
+        if self._fused_matmul_takes(x, matmul_dtype):
+            from . import kernel_ops  # deferred: Triton is optional
+
+            return kernel_ops.packed_linear(
+                x.to(matmul_dtype), self.packed_weight, _grid_step(self.weight_scale, self.weight_quant).reshape(-1),
+                _code_offset(self.weight_quant), self.weight_quant, self.bias, rotate_back,
+            )
+        return F.linear(x, self.dequantize_weight(rotate_back), self.bias)
+
+    def _fused_matmul_takes(self, x: torch.Tensor, matmul_dtype: torch.dtype) -> bool:
+        """Whether the fused kernel (weight read as packed codes) computes this forward: the
+        backend resolves to Triton for x's device, and the dtypes are the kernel's. Anything
+        else (fp64, a dtype mismatch F.linear is to report) takes the torch path."""
+        if _backend.resolve(self.backend, x.device, "QuantizedLinear") != "triton":
+            return False
+        from . import kernel_ops
+
+        same_dtype = x.dtype == self.weight_dtype or torch.is_autocast_enabled(x.device.type)
+        return same_dtype and kernel_ops.packed_linear_takes(matmul_dtype, self.weight_scale.dtype)
 
     def _apply(self, fn, recurse=True):
         # A dtype change (model.to(torch.bfloat16)) sets the rebuilt weight's dtype; the scale

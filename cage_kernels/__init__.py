@@ -9,6 +9,8 @@ config, the fallbacks and the autograd functions, and calls these launchers):
   (masked_backward.py)
 - ``adamw_cage_step(params, grads, exp_avgs, exp_avg_sqs, step=, lr=, ...)``: the fused
   multi-tensor AdamW + CAGE step (adamw_cage.py)
+- ``packed_matmul(x, packed, step, code_offset, bits, bias=None) -> y``: ``x @ W^T`` with
+  ``W`` read as packed grid codes and a per-row step (dequant_matmul.py)
 - ``pack_mask`` / ``mask_to_bool``: the bit-packed mask format, torch side.
 - ``python -m cage_kernels.report``: the compile gate (registers, spills, shared memory).
 
@@ -26,11 +28,12 @@ except ImportError as err:  # pragma: no cover - exercised only without triton
     ) from err
 
 from .adamw_cage import adamw_cage_step, kernel_can_step
+from .dequant_matmul import packed_matmul, packed_matmul_supports
 from .fake_quant import fake_quant_forward, mask_to_bool, pack_mask, supports
 from .masked_backward import fake_quant_backward
 from .quant_math import MASK_CLIP, MASK_NONE, MASK_TRUST
 
 __all__ = [
-    "MASK_CLIP", "MASK_NONE", "MASK_TRUST", "adamw_cage_step", "fake_quant_backward", "fake_quant_forward",
-    "kernel_can_step", "mask_to_bool", "pack_mask", "supports",
+    "MASK_CLIP", "MASK_NONE", "MASK_TRUST", "adamw_cage_step", "packed_matmul", "packed_matmul_supports",
+    "fake_quant_backward", "fake_quant_forward", "kernel_can_step", "mask_to_bool", "pack_mask", "supports",
 ]
