@@ -5,7 +5,7 @@ shared memory read from the cubin.
     python -m cage_kernels.report --arch 80 --arch 90 [--out FILE.md] [--jobs N]
 
 The configurations are built by the launchers' own planning (``forward_launch``,
-``backward_launch``, ``step_blocking`` / ``step_launch``) from shapes and dtypes, so the
+``backward_launch``, ``step_blocking`` / ``step_launch``, ``matmul_launch``) from shapes and dtypes, so the
 gate compiles exactly what a call would launch. Many configurations share one
 specialization (bits, masks' radii and row counts are run-time values; widths matter
 through the blocking and their divisibility); Triton's cache compiles each distinct one
@@ -148,9 +148,39 @@ def optimizer_configs(quick: bool = False):
             yield Config("optimizer", f"{what} {case}", launch, args)
 
 
+# The converted layer's matmul: tokens per call (decode, a small batch, prefill chunks) and
+# (K, N) pairs of Llama-7B/8B projections and a SPEC 3 size, from ROW_LENGTHS.
+MATMUL_TOKENS = (1, 16, 512, 4096)
+MATMUL_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (640, 1792), (1792, 640))
+MATMUL_BITS = (2, 3, 4, 5, 8)
+
+
+def dequant_matmul_configs(quick: bool = False):
+    """The fused dequantize-and-multiply over tokens x (K, N) x bits x dtypes x bias."""
+    import torch
+
+    from .dequant_matmul import matmul_launch
+
+    dtypes = _dtypes()
+    if quick:
+        dtypes = {name: dtypes[name] for name in ("bf16", "fp32")}
+    for dname, dtype in dtypes.items():
+        for m in (1, 4096) if quick else MATMUL_TOKENS:
+            for k, n in MATMUL_SHAPES[:1] if quick else MATMUL_SHAPES:
+                for bits in (3, 4) if quick else MATMUL_BITS:
+                    for bias in (False,) if quick else (False, True):
+                        launch, args = matmul_launch(
+                            dtype, torch.uint8, torch.float32, dtype if bias else None, dtype, m, n, k,
+                            bits=bits, code_offset=2 ** (bits - 1) - 1, interpreted=False,
+                        )
+                        label = f"{dname} [{m}x{k}] @ [{n}x{k}]^T b{bits}{' bias' if bias else ''}"
+                        yield Config("dequant_matmul", label, launch, args)
+
+
 def all_configs(quick: bool = False):
     yield from fake_quant_configs(quick)
     yield from optimizer_configs(quick)
+    yield from dequant_matmul_configs(quick)
 
 
 @dataclasses.dataclass
@@ -187,7 +217,7 @@ def _arch_worker(arch: int, quick: bool):
     return arch, rows, n, seconds
 
 
-_META_SHOWN = ("BLOCK_ROWS", "TILES", "ROT_WIDTH", "SINGLE_CHUNK", "HADAMARD", "CAGE", "COUPLED",
+_META_SHOWN = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BITS", "HAS_BIAS", "DOT_DTYPE", "BLOCK_ROWS", "TILES", "ROT_WIDTH", "SINGLE_CHUNK", "HADAMARD", "CAGE", "COUPLED",
                "X_SPLIT", "GRAD_SPLIT", "STORE_MASK", "ROTATE_BACK", "ROTATE_IN", "APPLY_MASK", "VEC",
                "PARAM_DTYPE", "CHECK_FOUND_INF")
 
@@ -200,6 +230,17 @@ def _meta_text(meta: dict) -> str:
             value = {True: "1", False: "0"}.get(value, value) if isinstance(value, bool) else value
             short.append(f"{key}={str(value).replace('triton.language.', '')}")
     return " ".join(short)
+
+
+def _per_op(rows) -> dict:
+    """Registers, shared memory and CTAs per SM at their worst, per op."""
+    ops = sorted({op for r in rows for op in r.ops})
+    return {
+        op: {"max_registers": max(r.resources.registers for r in rows if op in r.ops),
+             "max_shared_memory": max(r.resources.shared_memory for r in rows if op in r.ops),
+             "min_ctas_per_sm": min(r.resources.ctas_per_sm for r in rows if op in r.ops)}
+        for op in ops
+    }
 
 
 def render(results, versions: str) -> tuple[str, int]:
@@ -220,6 +261,9 @@ def render(results, versions: str) -> tuple[str, int]:
         "  rotated-domain output, off",
         "- optimizer: fp32/bf16/fp16 params (bf16 also with fp32 grads), decoupled and coupled, CAGE on",
         "  and off (plain AdamW groups), with and without the non-finite flag, aligned and unaligned",
+        f"- dequantize-and-multiply: {', '.join(map(str, MATMUL_TOKENS))} tokens; (K, N) "
+        f"{', '.join(f'{k}x{n}' for k, n in MATMUL_SHAPES)}; bits {', '.join(map(str, MATMUL_BITS))};",
+        "  fp32, bf16, fp16; with and without bias",
         "",
     ]
     bad_total = 0
@@ -237,6 +281,9 @@ def render(results, versions: str) -> tuple[str, int]:
             f"{sum(r.resources.spill_instructions for r in rows)} spill instructions in all, "
             f"max shared memory {max(r.resources.shared_memory for r in rows)} B, "
             f"at least {least} CTAs/SM.",
+            "",
+            *(f"- {op}: at most {v['max_registers']} registers, {v['max_shared_memory']} B shared memory, "
+              f"at least {v['min_ctas_per_sm']} CTAs/SM" for op, v in _per_op(rows).items()),
             "",
             "| kernel | specialization | configs | e.g. | warps | regs | stack | LDL/STL | smem B | MMA | FFMA | CTAs/SM | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -261,7 +308,9 @@ def summary(results) -> dict:
     return {
         "triton": triton.__version__,
         "coverage": {"row_lengths": list(ROW_LENGTHS), "row_counts": list(ROW_COUNTS), "bits": list(BITS),
-                     "masks": list(MASKS), "rotations": [list(r) for r in ROTATIONS]},
+                     "masks": list(MASKS), "rotations": [list(r) for r in ROTATIONS],
+                     "matmul_tokens": list(MATMUL_TOKENS), "matmul_shapes": [list(s) for s in MATMUL_SHAPES],
+                     "matmul_bits": list(MATMUL_BITS)},
         "archs": {
             str(arch): {
                 "configs": n_configs,
@@ -273,6 +322,7 @@ def summary(results) -> dict:
                 "max_registers": max(r.resources.registers for r in rows),
                 "min_ctas_per_sm": min(r.resources.ctas_per_sm for r in rows),
                 "ops": sorted({op for r in rows for op in r.ops}),
+                "per_op": _per_op(rows),
             }
             for arch, rows, n_configs, seconds in results
         },
