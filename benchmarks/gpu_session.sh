@@ -3,8 +3,9 @@
 # time, at most 10 minutes each; run the parts separately when that is too tight):
 #   bash benchmarks/gpu_session.sh [kernels|bench|all|study]
 # kernels: the kernel tests with CUDA tensors (compiled, not interpreted) and the
-#          non-finite skip; bench: copy bandwidth, the fused optimizer, fake quantization
-#          and the train step (python -m benchmarks.run_all), results under benchmarks/results/.
+#          non-finite skip; bench: copy bandwidth, the fused optimizer, fake quantization,
+#          the train step and the converted layer's matmul (python -m benchmarks.run_all),
+#          results under benchmarks/results/.
 # study:   one chunk of the paper-shaped accuracy study (sweep preset 30M-lease, quest/cage
 #          pairs first) for STUDY_MINUTES (default 8) minutes. A fresh machine starts from the
 #          finished cells committed in benchmarks/results/study-30M-lease/cells/ (checkpoints are
@@ -22,7 +23,7 @@ PY
 status=0
 if [ "$part" = kernels ] || [ "$part" = all ]; then
   timeout 480 python -m pytest -q -x -p no:cacheprovider tests/test_kernels_fake_quant.py tests/test_kernels_backward.py \
-    tests/test_kernels_optim.py tests/test_nonfinite.py tests/test_rotation.py || status=1
+    tests/test_kernels_optim.py tests/test_nonfinite.py tests/test_rotation.py tests/test_kernels_dequant_matmul.py || status=1
 fi
 if [ "$part" = bench ] || [ "$part" = all ]; then
   timeout 540 python -m benchmarks.run_all || status=1

@@ -1,4 +1,4 @@
-"""Run the three GPU benchmarks in one process (one import of torch and the kernels).
+"""Run the GPU benchmarks in one process (one import of torch and the kernels).
 
     python -m benchmarks.run_all                          # GPU: each at its default size
     python -m benchmarks.run_all --tiny --device cpu      # CPU smoke run (Triton under the interpreter)
@@ -20,10 +20,12 @@ import traceback
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="--preset tiny for every benchmark")
-    p.add_argument("--only", default="optimizer,fake_quant,train_step", help="comma list of benchmarks to run")
+    p.add_argument("--only", default="optimizer,fake_quant,train_step,dequant_matmul",
+                   help="comma list of benchmarks to run")
     p.add_argument("--optimizer-args", default="", help="extra arguments for bench_optimizer")
     p.add_argument("--fake-quant-args", default="", help="extra arguments for bench_fake_quant")
     p.add_argument("--train-step-args", default="", help="extra arguments for bench_train_step")
+    p.add_argument("--dequant-matmul-args", default="", help="extra arguments for bench_dequant_matmul (GPU only)")
     args, common_args = p.parse_known_args(argv)
 
     # The kernels must see TRITON_INTERPRET before they are imported (CPU runs).
@@ -40,12 +42,13 @@ def main(argv=None) -> int:
     if not device.startswith("cuda"):
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    from . import bench_fake_quant, bench_optimizer, bench_train_step
+    from . import bench_dequant_matmul, bench_fake_quant, bench_optimizer, bench_train_step
 
     benches = {
         "optimizer": (bench_optimizer, args.optimizer_args),
         "fake_quant": (bench_fake_quant, args.fake_quant_args),
         "train_step": (bench_train_step, args.train_step_args),
+        "dequant_matmul": (bench_dequant_matmul, args.dequant_matmul_args),  # skips itself without CUDA
     }
     failed = []
     for name in [n for n in args.only.split(",") if n]:

@@ -153,6 +153,37 @@ def test_byte_formulas():
     assert common.fake_quant_backward_bytes(4, 16, 2) == 4 * 16 * 4 + 4 * 2
 
 
+def test_dequant_matmul_benchmark_skips_without_cuda(capsys):
+    import torch
+
+    from benchmarks import bench_dequant_matmul
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the benchmark would run")
+    assert bench_dequant_matmul.main(["--device", "cpu", "--no-write"]) == {"skipped": "no CUDA device"}
+    assert "skipped, it needs a CUDA device" in capsys.readouterr().out
+
+
+def test_dequant_matmul_benchmark_rows_on_cpu():
+    # the GPU-only benchmark's bookkeeping, run here on a tiny case under the interpreter
+    code = (
+        "import torch\n"
+        "from benchmarks import bench_dequant_matmul as b, common\n"
+        "common.CPU_MIN_RUNS = 1\n"
+        "case = b.Case('t', 3, 64, 40)\n"
+        "rows = {r['impl']: r for r in b.run_case(case, 3, torch.device('cpu'), 0, 0, 10.0)}\n"
+        "assert list(rows) == list(b.IMPLS) and all(r['status'] == 'ok' for r in rows.values()), rows\n"
+        "packed = 40 * 24 + 4 * 40\n"  # 64 codes of 3 bits: 24 bytes a row; fp32 step
+        "assert rows['fused']['bytes'] == rows['dequant+linear']['bytes'] == (3 * 64 + 3 * 40) * 2 + packed\n"
+        "assert rows['bf16-linear']['bytes'] == (3 * 64 + 3 * 40) * 2 + 2 * 40 * 64\n"
+        "assert rows['fused']['rel_rms_vs_torch'] < 2 ** -7\n"  # bf16 outputs and weight: rounding only
+        "assert rows['dequant+linear']['t/dequant+linear'] == 1.0 and 't/bf16-linear' in rows['fused']\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def test_rotating_inputs_cycle_without_copies():
     import torch
 
