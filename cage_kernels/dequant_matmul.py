@@ -37,22 +37,52 @@ def packed_row_bytes(n_cols: int, bits: int) -> int:
 
 
 @triton.jit
-def load_code_tile(packed_ptr, rows, row_ok, cols, n_cols, row_bytes, BITS: tl.constexpr):
-    """int32 codes ``[len(rows), len(cols)]`` of a packed weight; 0 outside the tensor."""
-    row_start = rows[:, None] * row_bytes  # rows are int64: no overflow on large weights
-    in_bounds = row_ok[:, None] & (cols < n_cols)[None, :]
+def split_halves(values, HALF_BITS: tl.constexpr):
+    """``[R, C]`` values of ``2 * HALF_BITS`` bits -> ``[R, 2 C]``: each value's low half,
+    then its high half (the order the codes stand in the bit stream)."""
+    low, high = values & ((1 << HALF_BITS) - 1), values >> HALF_BITS
+    return tl.reshape(tl.join(low, high), (values.shape[0], 2 * values.shape[1]))
+
+
+@triton.jit
+def load_code_tile(packed_ptr, rows, row_ok, k_start, n_cols, row_bytes, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 codes ``[len(rows), BLOCK_K]`` of columns ``k_start ..`` of a packed weight (rows
+    int64; ``k_start`` and BLOCK_K multiples of 8, so the tile starts and ends on whole bytes);
+    0 outside the tensor."""
+    # One return at the end: compiled Triton generates the code after a constexpr branch's
+    # early return as well (and rejects the mismatched shapes), where the interpreter stops.
+    row_start = rows[:, None] * row_bytes  # int64: no overflow on large weights
     if BITS == 8:  # the bytes are the codes
-        return tl.load(packed_ptr + row_start + cols[None, :], mask=in_bounds, other=0).to(tl.int32)
-    first_bit = cols * BITS
-    shift = first_bit % 8
-    byte_ptrs = packed_ptr + row_start + (first_bit // 8)[None, :]
-    value = tl.load(byte_ptrs, mask=in_bounds, other=0).to(tl.int32)
-    if 8 % BITS != 0:
-        # 3, 5, 6, 7 bits: a code may run on into the next byte, which then exists in the row
+        cols = k_start + tl.arange(0, BLOCK_K)
+        codes = tl.load(packed_ptr + row_start + cols[None, :], mask=row_ok[:, None] & (cols < n_cols)[None, :],
+                        other=0).to(tl.int32)
+    elif 8 % BITS == 0:
+        # 1, 2, 4 bits: whole codes a byte, the first in the lowest bits. The tile's bytes in
+        # one contiguous (vectorized) load, then split in halves until a value is one code:
+        # 4 bits is one split (low nibble first), 2 bits two, 1 bit three. Columns past K
+        # are the row's zero padding or masked.
+        byte_cols = k_start * BITS // 8 + tl.arange(0, BLOCK_K * BITS // 8)
+        codes = tl.load(packed_ptr + row_start + byte_cols[None, :],
+                        mask=row_ok[:, None] & (byte_cols < row_bytes)[None, :], other=0).to(tl.int32)
+        codes = split_halves(codes, 4)
+        if BITS <= 2:
+            codes = split_halves(codes, 2)
+        if BITS == 1:
+            codes = split_halves(codes, 1)
+    else:
+        # 3, 5, 6, 7 bits, from the bit stream: code k at bits k*BITS .. of the row, which may
+        # run on into the next byte (which then exists in the row). Per-code byte addresses:
+        # these loads are not vectorized.
+        cols = k_start + tl.arange(0, BLOCK_K)
+        in_bounds = row_ok[:, None] & (cols < n_cols)[None, :]
+        first_bit = cols * BITS
+        shift = first_bit % 8
+        byte_ptrs = packed_ptr + row_start + (first_bit // 8)[None, :]
+        value = tl.load(byte_ptrs, mask=in_bounds, other=0).to(tl.int32)
         straddles = (shift + BITS > 8)[None, :]
         value = value | (tl.load(byte_ptrs + 1, mask=in_bounds & straddles, other=0).to(tl.int32) << 8)
-    # 1, 2, 4 bits never straddle: one byte and a shift (4 bits: low nibble for even k)
-    return (value >> shift[None, :]) & ((1 << BITS) - 1)
+        codes = (value >> shift[None, :]) & ((1 << BITS) - 1)
+    return codes
 
 
 @triton.jit(do_not_specialize=["M"])  # any token count of one tiling: one compiled kernel
@@ -73,7 +103,7 @@ def _dequant_matmul_kernel(
         cols = k_start + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_m[:, None] * x_row_stride + cols[None, :],
                     mask=m_ok[:, None] & (cols < K)[None, :], other=0.0)
-        codes = load_code_tile(packed_ptr, rows_n, n_ok, cols, K, row_bytes, BITS)
+        codes = load_code_tile(packed_ptr, rows_n, n_ok, k_start, K, row_bytes, BITS, BLOCK_K)
         # (code - offset) - 0.5 in one exact subtraction; columns past K meet x = 0
         levels = codes.to(tl.float32) - code_center
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(levels.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)

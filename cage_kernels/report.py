@@ -152,7 +152,7 @@ def optimizer_configs(quick: bool = False):
 # (K, N) pairs of Llama-7B/8B projections and a SPEC 3 size, from ROW_LENGTHS.
 MATMUL_TOKENS = (1, 16, 512, 4096)
 MATMUL_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (640, 1792), (1792, 640))
-MATMUL_BITS = (2, 3, 4, 5, 8)
+MATMUL_BITS = (1, 2, 3, 4, 5, 8)
 
 
 def dequant_matmul_configs(quick: bool = False):
