@@ -8,11 +8,12 @@ weight is rebuilt from them by the same fp32 operations, in the same order, as
 model's torch-backend forward. Activations are still fake-quantized at run time, by the same
 function as in training.
 
-When the layer's backend resolves to Triton (CUDA tensors with ``backend="auto"``, or
-``backend="triton"`` under the interpreter), the forward instead multiplies by the packed codes
-directly (``cage_kernels.packed_matmul``: tiles dequantized in registers, fp32 accumulation),
-which agrees with the torch path to rounding, not bit for bit; the torch path stays the CPU
-default and the oracle.
+With ``backend="triton"`` (CUDA tensors, or CPU ones under the interpreter) the forward instead
+multiplies by the packed codes directly (``cage_kernels.packed_matmul``: tiles dequantized in
+registers, fp32 accumulation), which agrees with the torch path to rounding, not bit for bit.
+``backend="auto"`` keeps dequantize + ``F.linear`` on every device until the fused kernel has been
+measured against it on a GPU (``benchmarks/bench_dequant_matmul.py``): at prefill sizes a Triton
+tile loop may well lose to cuBLAS on the rebuilt weight. The torch path is the oracle.
 """
 
 from __future__ import annotations
@@ -175,9 +176,10 @@ class QuantizedLinear(nn.Module):
 
     def _fused_matmul_takes(self, x: torch.Tensor, matmul_dtype: torch.dtype) -> bool:
         """Whether the fused kernel (weight read as packed codes) computes this forward: the
-        backend resolves to Triton for x's device, and the dtypes are the kernel's. Anything
+        layer asked for Triton (``backend="triton"``; "auto" keeps the torch path until the
+        kernel is measured, see the module docstring), and the dtypes are the kernel's. Anything
         else (fp64, a dtype mismatch F.linear is to report) takes the torch path."""
-        if _backend.resolve(self.backend, x.device, "QuantizedLinear") != "triton":
+        if self.backend != "triton" or _backend.resolve(self.backend, x.device, "QuantizedLinear") != "triton":
             return False
         from . import kernel_ops
 

@@ -26,6 +26,13 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> 
     """Orthonormal, symmetric Sylvester Hadamard matrix of size ``n`` (a power of two)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"hadamard_matrix: n must be a power of two, got {n}")
+    return _hadamard_on(n, dtype, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _hadamard_on(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # one copy per (size, dtype, device): a host-to-device copy on every rotation would be a
+    # synchronizing transfer per call on CUDA
     return _hadamard_cpu(n, dtype).to(device)
 
 

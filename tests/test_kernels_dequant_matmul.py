@@ -14,6 +14,7 @@ Where the arithmetic is exact (fp32, small integers, a power-of-two step) the re
 equal bit for bit.
 """
 
+import importlib
 import os
 import random
 import zlib
@@ -202,6 +203,14 @@ def test_quantized_linear_dispatch(monkeypatch):
         fused = layer(x)
         assert calls == [torch.float32]
         assert relative_rms(fused, reference_out) <= 1e-4  # the two activation quantizers may differ at a tie
+        # "auto" keeps the torch path even where it resolves to Triton (a CUDA device): the
+        # fused kernel is opt-in until it is measured on a GPU
+        layer.backend = "auto"
+        monkeypatch.setattr(importlib.import_module("cage.convert")._backend, "resolve", lambda *a, **kw: "triton")
+        assert relative_rms(layer(x), reference_out) <= 1e-4 and calls == [torch.float32]  # no fused call
+        monkeypatch.undo()
+        monkeypatch.setattr(cage_kernels, "packed_matmul", lambda *a, **kw: calls.append(a[0].dtype) or real(*a, **kw))
+        layer.backend = "triton"
         layer.double()  # fp64: the kernel does not take it, the reference runs
         assert layer(x.double()).dtype == torch.float64 and calls == [torch.float32]
         layer.float()
