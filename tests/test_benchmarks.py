@@ -153,13 +153,10 @@ def test_byte_formulas():
     assert common.fake_quant_backward_bytes(4, 16, 2) == 4 * 16 * 4 + 4 * 2
 
 
-def test_dequant_matmul_benchmark_skips_without_cuda(capsys):
-    import torch
-
+def test_dequant_matmul_benchmark_refuses_a_cpu_device(capsys):
     from benchmarks import bench_dequant_matmul
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is here: the benchmark would run")
+    # --device cpu is a CPU run on any machine, GPU or not: it says so instead of timing the interpreter
     assert bench_dequant_matmul.main(["--device", "cpu", "--no-write"]) == {"skipped": "no CUDA device"}
     assert "skipped, it needs a CUDA device" in capsys.readouterr().out
 
