@@ -217,7 +217,8 @@ def _arch_worker(arch: int, quick: bool):
     return arch, rows, n, seconds
 
 
-_META_SHOWN = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BITS", "HAS_BIAS", "DOT_DTYPE", "BLOCK_ROWS", "TILES", "ROT_WIDTH", "SINGLE_CHUNK", "HADAMARD", "CAGE", "COUPLED",
+_META_SHOWN = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BITS", "HAS_BIAS", "DOT_DTYPE",
+               "BLOCK_ROWS", "TILES", "ROT_WIDTH", "SINGLE_CHUNK", "HADAMARD", "CAGE", "COUPLED",
                "X_SPLIT", "GRAD_SPLIT", "STORE_MASK", "ROTATE_BACK", "ROTATE_IN", "APPLY_MASK", "VEC",
                "PARAM_DTYPE", "CHECK_FOUND_INF")
 
