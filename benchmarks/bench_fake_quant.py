@@ -6,7 +6,7 @@
 Quantizer: W4, Hadamard block 128, trust mask (QuEST), ``rotate_back=True`` (output in the
 input space: two rotations per call, the general case). Rows per case and direction:
 
-- ``triton``: ``cage.kernel_ops.quantize`` / ``cage.kernel_ops.masked_grad`` (mask bit-packed);
+- ``triton``: ``cage.ops.fake_quant.TRITON.quantize`` / ``.masked_grad`` (mask bit-packed);
 - ``torch-eager``: ``cage.naive.quantize`` / ``cage.naive.masked_grad`` as shipped (bool mask);
 - ``torch-compile``: ``torch.compile`` of the same reference math, with the Hadamard matrix
   passed in as a device tensor (``naive.hadamard_matrix`` builds it on the host and copies it
@@ -105,7 +105,7 @@ def compiled(fn):
 def impl_ops(impl: str, device: torch.device, h: torch.Tensor):
     """(forward(x, cfg) -> (q, mask_state), backward(g, mask_state, cfg) -> grad)."""
     if impl == "triton":
-        from cage.functional import get_ops
+        from cage.ops.fake_quant import get_ops
 
         ops = get_ops("triton", device, "bench_fake_quant")
         return (lambda x, cfg: ops.quantize(x, cfg, True)), (lambda g, m, cfg: ops.masked_grad(g, m, cfg, False))

@@ -47,3 +47,16 @@ def resolve(backend: str, device: torch.device, owner: str = "cage") -> str:
             "set TRITON_INTERPRET=1 before importing cage, or use backend='torch'"
         )
     return "triton"
+
+
+_KERNELS: list = []
+
+
+def kernels():
+    """The ``cage_kernels`` package, imported the first time a Triton path runs (Triton is
+    optional; the module is kept, so later calls pay a list lookup, not an import)."""
+    if not _KERNELS:
+        import cage_kernels
+
+        _KERNELS.append(cage_kernels)
+    return _KERNELS[0]

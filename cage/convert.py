@@ -26,8 +26,9 @@ from . import backend as _backend
 from . import naive
 from .config import QuantConfig
 from .functional import fake_quantize
-from .linear import QATLinear
+from .linear import QATLinear, autocast_activation
 from .packing import pack_codes, packed_row_bytes, unpack_codes
+from .ops import packed_linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -163,12 +164,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rotate_back = self.rotates_weight_back()
         if self.act_quant is not None:
-            x = fake_quantize(x, self.act_quant, backend=self.backend, rotate_back=rotate_back)
+            x = fake_quantize(autocast_activation(x), self.act_quant, backend=self.backend, rotate_back=rotate_back)
         matmul_dtype = _matmul_dtype(x)
         if self._fused_matmul_takes(x, matmul_dtype):
-            from . import kernel_ops  # deferred: Triton is optional
-
-            return kernel_ops.packed_linear(
+            return packed_linear.packed_linear(
                 x.to(matmul_dtype), self.packed_weight, _grid_step(self.weight_scale, self.weight_quant).reshape(-1),
                 _code_offset(self.weight_quant), self.weight_quant, self.bias, rotate_back,
             )
@@ -181,10 +180,8 @@ class QuantizedLinear(nn.Module):
         else (fp64, a dtype mismatch F.linear is to report) takes the torch path."""
         if self.backend != "triton" or _backend.resolve(self.backend, x.device, "QuantizedLinear") != "triton":
             return False
-        from . import kernel_ops
-
         same_dtype = x.dtype == self.weight_dtype or torch.is_autocast_enabled(x.device.type)
-        return same_dtype and kernel_ops.packed_linear_takes(matmul_dtype, self.weight_scale.dtype)
+        return same_dtype and packed_linear.packed_linear_takes(matmul_dtype, self.weight_scale.dtype)
 
     def _apply(self, fn, recurse=True):
         # A dtype change (model.to(torch.bfloat16)) sets the rebuilt weight's dtype; the scale

@@ -15,6 +15,24 @@ from .functional import fake_quantize
 DEFAULT_SKIP = ("lm_head", "output", "head")
 
 
+def autocast_activation(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype when autocast is on (as ``F.linear`` would cast it).
+
+    An activation quantized before the product would otherwise reach the quantizer in fp32
+    (an RMSNorm's output, say) and cost the fp32 rotation and an extra cast, only for the
+    product to round it to bf16 anyway. The quantizer's math stays fp32 and it emits ``q``
+    in bf16. Weights are not cast: their codes, CAGE's grid and convert's bit-identity are
+    defined on the stored weights. Like autocast, fp64 is left alone.
+    """
+    device_type = x.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return x
+    dtype = torch.get_autocast_dtype(device_type)
+    if x.dtype == dtype or x.dtype == torch.float64 or not x.is_floating_point():
+        return x
+    return x.to(dtype)
+
+
 class QATLinear(nn.Linear):
     """``nn.Linear`` whose weight (per output row) and input activations (per token)
     are fake-quantized in the forward pass with straight-through gradients."""
@@ -68,7 +86,7 @@ class QATLinear(nn.Linear):
         if self.weight_quant is not None:
             w = fake_quantize(w, self.weight_quant, backend=self.backend, rotate_back=rotate_back)
         if self.act_quant is not None:
-            x = fake_quantize(x, self.act_quant, backend=self.backend, rotate_back=rotate_back)
+            x = fake_quantize(autocast_activation(x), self.act_quant, backend=self.backend, rotate_back=rotate_back)
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:

@@ -6,7 +6,6 @@ follows SPEC sections 1 and 2 line by line; speed is not its job.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -14,26 +13,32 @@ import torch
 from .config import RMS_EPS, QuantConfig
 
 
-@functools.lru_cache(maxsize=None)
-def _hadamard_cpu(n: int, dtype: torch.dtype) -> torch.Tensor:
+def sylvester_hadamard(n: int) -> torch.Tensor:
+    """The orthonormal ``n x n`` Sylvester Hadamard matrix in float64 on the CPU."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:  # Sylvester: H_2k = [[H, H], [H, -H]]
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).to(dtype)
+    return h / math.sqrt(n)
+
+
+# One copy per (size, dtype, device): a host-to-device copy on every rotation would be a
+# synchronizing transfer per call on CUDA. A plain dict, not functools.lru_cache: Dynamo
+# traces through lru_cache (building the matrix inside every compiled graph), while an entry
+# of a module dict is a constant input of the graph. CAGEAdamW fills the entries its traced
+# step needs before any trace.
+_HADAMARD: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """Orthonormal, symmetric Sylvester Hadamard matrix of size ``n`` (a power of two)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"hadamard_matrix: n must be a power of two, got {n}")
-    return _hadamard_on(n, dtype, torch.device(device) if device is not None else torch.device("cpu"))
-
-
-@functools.lru_cache(maxsize=64)
-def _hadamard_on(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # one copy per (size, dtype, device): a host-to-device copy on every rotation would be a
-    # synchronizing transfer per call on CUDA
-    return _hadamard_cpu(n, dtype).to(device)
+    key = (n, dtype, torch.device(device) if device is not None else torch.device("cpu"))
+    h = _HADAMARD.get(key)
+    if h is None:
+        h = sylvester_hadamard(n).to(dtype=dtype, device=key[2])
+        _HADAMARD[key] = h
+    return h
 
 
 def block_rotate(x: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from . import backend as _backend
 from . import naive
 from .config import QuantConfig
 from .linear import qat_param_groups
+from .ops import adamw_cage as ops
 
 SCHEDULES = ("linear_ramp", "constant")
 COUPLINGS = ("decoupled", "coupled")
@@ -63,90 +64,6 @@ def cage_lambda_at(step, total_steps: int, cage_lambda: float, silence_ratio: fl
     if schedule == "constant":
         return float(cage_lambda)
     return cage_lambda * min(1.0, (r - silence_ratio) / (1.0 - silence_ratio))
-
-
-def _dtensor_type():
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5
-        from torch.distributed._tensor import DTensor
-    return DTensor
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The process-local shard of a DTensor (FSDP2), sharing its storage; ``t`` otherwise."""
-    dtensor = _dtensor_type()
-    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
-
-
-def _check_whole_rows(p: torch.Tensor, index: int) -> None:
-    """CAGE quantizes whole rows: a sharded parameter must be split between rows."""
-    for placement in getattr(p, "placements", ()):
-        dim = getattr(placement, "dim", None)
-        if placement.is_shard() and dim is not None and dim % p.dim() == p.dim() - 1:
-            raise ValueError(
-                f"CAGEAdamW: quantized parameter {index} (shape {tuple(p.shape)}) is sharded along its "
-                "last dimension, which splits the rows CAGE quantizes; shard along dim 0 "
-                "(FSDP2's default) or keep it replicated"
-            )
-
-
-def _all_finite(g: torch.Tensor) -> bool:
-    # A NaN or Inf anywhere makes the sum non-finite, and a sum is ~40x cheaper on a CPU
-    # than isfinite().all(); only a non-finite sum (possibly an overflow) takes the exact test.
-    return bool(torch.isfinite(g.sum(dtype=torch.float32))) or bool(torch.isfinite(g).all())
-
-
-def traced_adamw_cage_step(param, grad, exp_avg, exp_avg_sq, step: torch.Tensor, *, lr: float, beta1: float,
-                           beta2: float, eps: float, weight_decay: float, quant: QuantConfig | None,
-                           cage_lambda: torch.Tensor, coupling: str) -> None:
-    """``naive.adamw_cage_step`` with the step count and lambda_t as tensors: no host value
-    and no branch on one, so ``torch.compile`` traces it whole. The AdamW part is
-    ``torch.optim.AdamW``'s capturable formulation (``addcdiv_`` takes no tensor scale);
-    the correction is computed even while lambda_t is 0 (it then adds exactly 0).
-    """
-    work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
-    g = grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)
-    if quant is not None and coupling == "coupled":
-        g = g + cage_lambda * naive.quantization_error(work, quant)
-    naive.decay_and_update_moments(work, g, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2,
-                                   weight_decay=weight_decay)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size_neg = (lr / bias_correction1).neg()
-    denom = (exp_avg_sq.sqrt() / (bias_correction2.sqrt() * step_size_neg)).add_(eps / step_size_neg)
-    work.addcdiv_(exp_avg, denom)
-    if quant is not None and coupling == "decoupled":
-        work.sub_(naive.quantization_error(work, quant) * (lr * cage_lambda))
-    if work is not param:
-        param.copy_(work)
-
-
-def reference_step(p, grad, state: dict, step, group: dict, cage_lambda, found_inf: torch.Tensor | None = None) -> None:
-    """The torch reference step of one (local) tensor, in place. ``step`` and
-    ``cage_lambda`` are numbers (eager: bit-identical to torch.optim.AdamW at lambda 0) or
-    tensors (traced). With a device flag ``found_inf``, the update is computed aside and
-    kept only where the flag is 0."""
-    beta1, beta2 = group["betas"]
-    targets = (p, state["exp_avg"], state["exp_avg_sq"])
-    work = [t.clone() for t in targets] if found_inf is not None else targets
-    update = traced_adamw_cage_step if isinstance(step, torch.Tensor) else naive.adamw_cage_step
-    update(
-        work[0], grad, work[1], work[2], step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-        weight_decay=group["weight_decay"], quant=group["quant"], cage_lambda=cage_lambda,
-        coupling=group["coupling"],
-    )
-    if found_inf is not None:
-        skip = found_inf.to(device=p.device) != 0
-        for target, new in zip(targets, work):
-            target.copy_(torch.where(skip, target, new))
-
-
-def moment_dtype(param: torch.Tensor) -> torch.dtype:
-    """Moments stay fp32 for half-precision parameters."""
-    return torch.promote_types(param.dtype, torch.float32)
 
 
 def _is_finite_number(value) -> bool:
@@ -213,7 +130,7 @@ def _check_group(group: dict, backend: str) -> None:
                     f"CAGEAdamW: parameter {i} of a quantized group has shape {tuple(p.shape)}; "
                     "quantized parameters are matrices quantized per row"
                 )
-            _check_whole_rows(p, i)
+            ops.check_whole_rows(p, i)
             try:
                 quant.check_row_length(p.shape[-1])
             except ValueError as err:
@@ -314,8 +231,7 @@ class CAGEAdamW(Optimizer):
         _check_torch_options(torch_options, backend)
         self.backend = backend
         self.check_finite = check_finite
-        self.found_inf: torch.Tensor | None = None  # the last step's device flag ("skip" mode)
-        self._skipped_steps: torch.Tensor | None = None
+        self._reset_plans()
         if isinstance(params, nn.Module):
             params = qat_param_groups(params, weight_decay)
         defaults = dict(
@@ -336,6 +252,28 @@ class CAGEAdamW(Optimizer):
                 UserWarning, stacklevel=2,
             )
 
+    # GradScaler hands the loss scale and the non-finite flag over as attributes
+    # (``optimizer.grad_scale`` / ``optimizer.found_inf``) instead of checking on the host.
+    _step_supports_amp_scaling = True
+
+    def _reset_plans(self) -> None:
+        """Forget every cached plan and host step count (they are rebuilt at the next step)."""
+        self._plans: list = []  # per param group: ops.GroupPlan or None
+        self._host_steps: dict = {}  # param -> step count, for params no plan holds
+        self._host_steps_valid = True
+        self._state_version = 0
+        self._last_found_inf: torch.Tensor | None = None
+        self._skipped_steps: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles defaults, state and param_groups only: keep the
+        # options too; the plans hold addresses and are rebuilt.
+        return {**super().__getstate__(), "backend": self.backend, "check_finite": self.check_finite}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._reset_plans()
+
     @classmethod
     def from_model(cls, model: nn.Module, **options) -> "CAGEAdamW":
         """``CAGEAdamW(model, **options)``: the groups of ``cage.qat_param_groups(model,
@@ -355,6 +293,12 @@ class CAGEAdamW(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        quant = self.param_groups[-1]["quant"]
+        if quant is not None and quant.hadamard:
+            # the matrices the torch formulation rotates with, built now: a traced step then
+            # reads them as constants instead of building them inside its graph
+            for p in self.param_groups[-1]["params"]:
+                naive.hadamard_matrix(quant.block_size, naive.compute_dtype(ops.moment_dtype(p)), p.device)
 
     def lambda_at(self, step, group: dict | None = None):
         g = group if group is not None else self.param_groups[0]
@@ -366,7 +310,8 @@ class CAGEAdamW(Optimizer):
             # step lives on the CPU like torch.optim.AdamW's: reading it never syncs a GPU
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             for key in MOMENT_KEYS:
-                state[key] = torch.zeros_like(p, dtype=moment_dtype(p), memory_format=torch.preserve_format)
+                state[key] = torch.zeros_like(p, dtype=ops.moment_dtype(p), memory_format=torch.preserve_format)
+            self._host_steps[p] = 0
         return state
 
     def _check_mode(self, device: torch.device) -> str:
@@ -376,7 +321,149 @@ class CAGEAdamW(Optimizer):
             return "raise" if device.type == "cpu" else "skip"
         return mode
 
-    def _check_grads(self) -> None:
+    def _device_flag(self, grads: list, dtensors: bool) -> torch.Tensor | None:
+        """The device flag over ``grads`` (None when there are none), the same on every
+        process when they are FSDP2 shards, counted in ``skipped_steps``."""
+        if not grads:
+            return None
+        flag = ops.nonfinite_flag(grads)
+        if dtensors and torch.distributed.is_initialized():
+            # each process sees only its shards: all of them skip, or none (queued, no sync)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag
+
+    def _count_skip(self, flag: torch.Tensor) -> None:
+        if self._skipped_steps is None or self._skipped_steps.device != flag.device:
+            self._skipped_steps = torch.zeros((), dtype=torch.int64, device=flag.device)
+        self._skipped_steps += (flag.reshape(-1)[0] != 0).to(torch.int64)
+
+    @property
+    def last_found_inf(self) -> torch.Tensor | None:
+        """The non-finite flag the last step used (a one-element device tensor, nonzero: the
+        step was skipped): the one passed in, or the one ``check_finite="skip"`` computed; None
+        when the step checked nothing on the device. Read it when a sync does not matter."""
+        return self._last_found_inf
+
+    @property
+    def skipped_steps(self) -> torch.Tensor | None:
+        """Device counter of the steps skipped for a non-finite gradient (a ``found_inf``
+        passed in, or ``check_finite="skip"``, the GPU default); read it when a sync does not
+        matter. None before any."""
+        return self._skipped_steps
+
+    @torch.no_grad()
+    def step(self, closure=None, *, found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None):
+        """One optimizer step.
+
+        ``found_inf``: a one-element device tensor, nonzero when the step must be skipped
+        (every parameter and moment then keeps its value; the step count still advances),
+        for instance ``~torch.isfinite(clip_grad_norm_(...))``: then the gradients are not
+        read again for a check. ``grad_scale``: a one-element device tensor the gradients are
+        divided by. Both follow torch's fused-AdamW protocol, so ``torch.amp.GradScaler`` sets
+        them as attributes (``optimizer.found_inf`` / ``optimizer.grad_scale``) and skips its
+        own host check; neither is read on the host.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if torch.compiler.is_compiling():
+            self._traced_step(found_inf, grad_scale)
+        else:
+            self._eager_step(found_inf, grad_scale)
+        return loss
+
+    def _valid_plan(self, index: int, group: dict):
+        """``(plan, grads)``: the group's cached plan if it still holds (else None), and its
+        gradients. Changes nothing."""
+        plan = self._plans[index] if index < len(self._plans) else None
+        if plan is not None:
+            grads = ops.group_grads(group, plan.dtensors)
+            try:
+                if plan.holds(group, grads, self._state_version):
+                    return plan, grads
+            except RuntimeError:  # a gradient without storage (sparse): the rebuild says so
+                pass
+        dtensor = ops.dtensor_type()
+        return None, ops.group_grads(group, dtensor is not None and any(isinstance(p, dtensor) for p in group["params"]))
+
+    def _check_host(self, index: int, group: dict, plan, grads: list) -> None:
+        """The checks that raise, before anything changes: sparse and (check_finite "raise")
+        non-finite gradients."""
+        if plan is not None:
+            plan.check_raise(grads, index)
+            return
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("CAGEAdamW does not support sparse gradients")
+            if self._check_mode(g.device) == "raise" and not ops.all_finite(g):
+                raise FloatingPointError(
+                    f"CAGEAdamW: the gradient of parameter {i} (shape {tuple(g.shape)}) in param "
+                    f"group {index} contains NaN or Inf; the step was not taken"
+                )
+
+    def _build_plan(self, index: int, group: dict, grads: list):
+        """A new plan of the group (None when no parameter has a gradient), kept for the next steps."""
+        while len(self._plans) <= index:
+            self._plans.append(None)
+        old = self._plans[index]
+        if old is not None:  # its step counts outlive it
+            for i, step in old.host_steps().items():
+                self._host_steps[old.group_params[i]] = step
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            self._plans[index] = None
+            return None
+        params = [group["params"][i] for i in present]
+        states = [self._init_state(p) for p in params]
+        # a CPU tensor read only when a traced step moved the counts (never in eager-only use)
+        host_steps = [self._host_steps.get(p) for p in params]
+        host_steps = [int(s["step"]) if h is None else h for h, s in zip(host_steps, states)]
+        device = grads[present[0]].device
+        plan = ops.GroupPlan(
+            group, grads, states, host_steps,
+            use_kernel=_backend.resolve(group_backend(group, self.backend), device, "CAGEAdamW") == "triton",
+            check_modes=[self._check_mode(grads[i].device) for i in present], state_version=self._state_version,
+        )
+        for p in params:
+            self._host_steps.pop(p, None)  # the plan holds them now
+        self._plans[index] = plan
+        return plan
+
+    def _eager_step(self, found_inf, grad_scale) -> None:
+        if not self._host_steps_valid:  # a traced step advanced the counts on its own
+            self._host_steps.clear()
+            self._plans.clear()
+            self._host_steps_valid = True
+        entries = [(index, group, *self._valid_plan(index, group)) for index, group in enumerate(self.param_groups)]
+        for index, group, plan, grads in entries:  # an error here leaves everything unchanged
+            self._check_host(index, group, plan, grads)
+        work = []
+        for index, group, plan, grads in entries:
+            if plan is None:
+                plan = self._build_plan(index, group, grads)
+            if plan is not None:
+                work.append((plan, grads))
+        if found_inf is None:
+            found_inf = self._device_flag([g for plan, grads in work for g in plan.flagged_grads(grads)],
+                                          any(plan.dtensors for plan, _ in work))
+        if found_inf is not None:
+            self._count_skip(found_inf)
+        self._last_found_inf = found_inf
+        for plan, grads in work:
+            plan.step(grads, self.lambda_at, found_inf, grad_scale)
+
+    def _traced_step(self, found_inf, grad_scale) -> None:
+        # The torch formulation whatever the backend: the kernel launch takes the step count
+        # and lambda_t as host scalars (a break and a recompile per step), while the compiler
+        # fuses the torch formulation itself.
+        checked = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 g = p.grad
@@ -384,77 +471,34 @@ class CAGEAdamW(Optimizer):
                     continue
                 if g.is_sparse:
                     raise RuntimeError("CAGEAdamW does not support sparse gradients")
-                if self._check_mode(g.device) == "raise" and not _all_finite(local_tensor(g)):
+                mode = self._check_mode(g.device)
+                if mode == "raise" and not ops.all_finite(ops.local_tensor(g)):
                     raise FloatingPointError(
                         f"CAGEAdamW: the gradient of parameter {pi} (shape {tuple(p.shape)}) in param "
                         f"group {gi} contains NaN or Inf; the step was not taken"
                     )
-
-    def _found_inf(self) -> torch.Tensor | None:
-        """A one-element fp32 device flag, 1.0 when any gradient checked in "skip" mode
-        is non-finite (computed on the device: no host sync), or None when none is."""
-        checked = [p.grad for g in self.param_groups for p in g["params"]
-                   if p.grad is not None and self._check_mode(local_tensor(p.grad).device) == "skip"]
-        if not checked:
-            return None
-        grads = [local_tensor(g) for g in checked]
-        # one multi-tensor pass: an L1 norm is NaN or Inf exactly when an element is
-        # (barring a finite sum above 3e38), and fp32 accumulation keeps fp16 sums finite
-        norms = torch._foreach_norm(grads, 1, dtype=torch.float32)
-        device = grads[0].device
-        flag = (~torch.isfinite(torch.stack([n.to(device) for n in norms])).all()).to(torch.float32).reshape(1)
-        dtensor = _dtensor_type()
-        if dtensor is not None and any(isinstance(g, dtensor) for g in checked) and torch.distributed.is_initialized():
-            # each process sees only its shards: all of them skip, or none (queued, no sync)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if self._skipped_steps is None or self._skipped_steps.device != device:
-            self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
-        self._skipped_steps += flag[0].to(torch.int64)
-        self.found_inf = flag
-        return flag
-
-    @property
-    def skipped_steps(self) -> torch.Tensor | None:
-        """Device counter of the steps skipped for a non-finite gradient (``check_finite``
-        "skip", the GPU default); read it when a sync does not matter. None before any."""
-        return self._skipped_steps
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_grads()
-        found_inf = self._found_inf()
-        traced = torch.compiler.is_compiling()
+                if mode == "skip" and found_inf is None:
+                    checked.append(g)
+        if found_inf is None:
+            dtensor = ops.dtensor_type()
+            found_inf = self._device_flag([ops.local_tensor(g) for g in checked],
+                                          dtensor is not None and any(isinstance(g, dtensor) for g in checked))
+        if found_inf is not None:
+            self._count_skip(found_inf)
+        self._last_found_inf = found_inf
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            states = [self._init_state(p) for p in params]
-            for s in states:
-                # a skipped step counts too: the count, the bias corrections and lambda_t
-                # advance exactly as if it had been taken (knowing better would need a sync)
-                s["step"] += 1
-            backend = group_backend(group, self.backend)
-            # A traced step takes the torch formulation whatever the backend: the kernel launch
-            # takes the step count and lambda_t as host scalars (a break and a recompile per
-            # step), while the compiler fuses the torch formulation itself.
-            if not traced and _backend.resolve(backend, local_tensor(params[0]).device, "CAGEAdamW") == "triton":
-                from . import kernel_ops  # deferred: Triton is optional
-
-                kernel_ops.adamw_cage_step_group(group, params, states, self.lambda_at, found_inf)
-            else:
-                # Rows are whole on every process (checked at construction), so FSDP2's
-                # sharded parameters are updated shard by shard, in place, through local views.
-                for p, state in zip(params, states):
-                    local_state = {k: local_tensor(v) for k, v in state.items()}
-                    # eager: a CPU tensor read on the host (no device sync); traced: kept a tensor
-                    step = local_state["step"] if traced else int(local_state["step"].item())
-                    reference_step(local_tensor(p), local_tensor(p.grad), local_state, step, group,
-                                   self.lambda_at(step, group), found_inf)
-        return loss
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p)
+                state["step"] += 1  # a skipped step counts too (see _eager_step)
+                # Rows are whole on every process (checked at construction), so FSDP2's sharded
+                # parameters are updated shard by shard, in place, through local views.
+                local_state = {k: ops.local_tensor(v) for k, v in state.items()}
+                ops.reference_step(ops.local_tensor(p), ops.local_tensor(p.grad), local_state, local_state["step"],
+                                   group, self.lambda_at(local_state["step"], group), found_inf, grad_scale)
+        self._state_version += 1
+        self._host_steps_valid = False
 
     # ---- state dicts: QuantConfig travels as a plain dict (loads with weights_only=True),
     # and fp32 moments of half-precision parameters are never cast down on load.
@@ -522,6 +566,11 @@ class CAGEAdamW(Optimizer):
             p = id_to_param[pid]
             for key in MOMENT_KEYS:
                 if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=moment_dtype(p), copy=True)
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=ops.moment_dtype(p), copy=True)
             if "step" in saved:  # on the CPU whatever torch's rules for fused/capturable say
                 self.state[p]["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to("cpu", copy=True)
+        # the plans point at the replaced tensors; the counts are read here, once, not in step()
+        skipped = self._skipped_steps
+        self._reset_plans()
+        self._skipped_steps = skipped
+        self._host_steps = {p: int(st["step"]) for p, st in self.state.items() if "step" in st}

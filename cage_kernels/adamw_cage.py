@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from . import tiling
 from .fake_quant import check_quantizer_args
 from .hadamard import load_rotation, load_rotation_args
 from .launch import Launch
@@ -54,6 +56,7 @@ from .tiling import (
     CHUNK_ELEMS_INTERPRETED,
     PLAIN_TILE_WIDTH,
     RowTiling,
+    cdiv,
     is_interpreted,
     plan_rows,
     quant_rot_width,
@@ -77,6 +80,16 @@ def _adamw_moments(g, m, v, beta1_weight, beta2, one_minus_beta2, LERP_SMALL_WEI
     v = v * beta2
     v = tl.fma(one_minus_beta2 * g, g, v)  # addcmul_(g, g, value=1 - beta2)
     return m, v
+
+
+@triton.jit
+def _load_grad(grad_ptr, offsets, in_bounds, grad_scale, UNSCALE_GRAD: tl.constexpr):
+    """The gradient in fp32, divided by the loss scale when a GradScaler scaled it (IEEE
+    division, as torch's fused AdamW: ``grad / grad_scale``)."""
+    g = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    if UNSCALE_GRAD:
+        g = tl.div_rn(g, grad_scale + tl.zeros_like(g))
+    return g
 
 
 @triton.jit
@@ -104,16 +117,16 @@ def _adamw_param(x, m, v, decay_factor, neg_step_size, bias_correction2_sqrt, ep
 def _step_chunk(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, scale, n_cols, rot,
     decay_factor, beta1_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
-    cage_lambda, cage_step, alpha, step_divisor, inv_sqrt_block, rms_eps,
+    cage_lambda, cage_step, alpha, step_divisor, inv_sqrt_block, rms_eps, grad_scale,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr, LERP_SMALL_WEIGHT: tl.constexpr,
     CAGE: tl.constexpr, COUPLED: tl.constexpr, SCALE_FROM_CHUNK: tl.constexpr, HADAMARD: tl.constexpr,
-    X_SPLIT: tl.constexpr,
+    X_SPLIT: tl.constexpr, UNSCALE_GRAD: tl.constexpr,
 ):
     """AdamW (+ CAGE) on a chunk read whole, stored back: ``scale`` is the row scale unless
     SCALE_FROM_CHUNK (the chunk is the whole row block; the scale is computed here). The
     moments are stored as soon as they are known, so they hold no registers during Q."""
     x = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    g = _load_grad(grad_ptr, offsets, in_bounds, grad_scale, UNSCALE_GRAD)
     if CAGE and COUPLED:
         if SCALE_FROM_CHUNK:
             scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
@@ -149,13 +162,13 @@ def _decoupled_correction(
 
 @triton.jit
 def _adamw_cage_kernel(
-    tensor_table, tile_table, rot_ptr, found_inf_ptr,
+    tensor_table, tile_table, rot_ptr, found_inf_ptr, grad_scale_ptr,
     decay_factor, beta1_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
     cage_lambda, cage_step, alpha, step_divisor, inv_sqrt_block, rms_eps,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
     LERP_SMALL_WEIGHT: tl.constexpr, CAGE: tl.constexpr, COUPLED: tl.constexpr, HADAMARD: tl.constexpr,
-    X_SPLIT: tl.constexpr, CHECK_FOUND_INF: tl.constexpr, VEC: tl.constexpr,
+    X_SPLIT: tl.constexpr, CHECK_FOUND_INF: tl.constexpr, UNSCALE_GRAD: tl.constexpr, VEC: tl.constexpr,
     PARAM_BYTES: tl.constexpr, GRAD_BYTES: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -180,6 +193,10 @@ def _adamw_cage_kernel(
         rot = load_rotation(rot_ptr, ROT_WIDTH)
     else:
         rot = 0.0
+    if UNSCALE_GRAD:
+        grad_scale = tl.load(grad_scale_ptr)
+    else:
+        grad_scale = 1.0
     CHUNK_WIDTH: tl.constexpr = TILES * ROT_WIDTH
 
     if SINGLE_CHUNK:
@@ -188,8 +205,8 @@ def _adamw_cage_kernel(
         _step_chunk(
             param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, 0.0, n_cols, rot,
             decay_factor, beta1_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
-            cage_lambda, cage_step, alpha, step_divisor, inv_sqrt_block, rms_eps,
-            BLOCK_ROWS, TILES, ROT_WIDTH, LERP_SMALL_WEIGHT, CAGE, COUPLED, True, HADAMARD, X_SPLIT,
+            cage_lambda, cage_step, alpha, step_divisor, inv_sqrt_block, rms_eps, grad_scale,
+            BLOCK_ROWS, TILES, ROT_WIDTH, LERP_SMALL_WEIGHT, CAGE, COUPLED, True, HADAMARD, X_SPLIT, UNSCALE_GRAD,
         )
     elif COUPLED:
         # sweep 1: the row sums of squares of x before the step
@@ -201,8 +218,9 @@ def _adamw_cage_kernel(
             _step_chunk(
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, scale, n_cols, rot,
                 decay_factor, beta1_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
-                cage_lambda, cage_step, alpha, step_divisor, inv_sqrt_block, rms_eps,
+                cage_lambda, cage_step, alpha, step_divisor, inv_sqrt_block, rms_eps, grad_scale,
                 BLOCK_ROWS, TILES, ROT_WIDTH, LERP_SMALL_WEIGHT, CAGE, COUPLED, False, HADAMARD, X_SPLIT,
+                UNSCALE_GRAD,
             )
     else:
         # sweep 1: the moments, and the row sums of squares of the AdamW-updated weights
@@ -211,7 +229,7 @@ def _adamw_cage_kernel(
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
             x = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-            g = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+            g = _load_grad(grad_ptr, offsets, in_bounds, grad_scale, UNSCALE_GRAD)
             m, v = _update_moments(g, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, beta1_weight, beta2,
                                    one_minus_beta2, LERP_SMALL_WEIGHT)
             x = _adamw_param(x, m, v, decay_factor, neg_step_size, bias_correction2_sqrt, eps)
@@ -234,11 +252,6 @@ def _adamw_cage_kernel(
 
 # ---- host side --------------------------------------------------------------------------
 
-# Device copies of the tables, keyed by their contents (addresses and shapes): a model
-# whose gradients keep their storage reuses them every step without a host-to-device copy.
-_TABLE_CACHE: collections.OrderedDict = collections.OrderedDict()
-_TABLE_CACHE_SIZE = 64
-
 
 def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":  # pinned + non_blocking: the copy is queued, not waited on
@@ -246,24 +259,15 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return table.to(device)
 
 
-def _launch_tables(records: tuple[int, ...], block_rows: int, device: torch.device):
-    """``(tensor table, tile table, number of tiles)`` on ``device``, cached."""
-    key = (records, block_rows, str(device))
-    cached = _TABLE_CACHE.get(key)
-    if cached is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return cached
-    tensor_table = torch.tensor(records, dtype=torch.int64)
-    tiles_per_tensor = (tensor_table.view(-1, RECORD.value)[:, 4] + block_rows - 1) // block_rows
-    tensor_index = torch.repeat_interleave(torch.arange(len(tiles_per_tensor)), tiles_per_tensor)
+@functools.lru_cache(maxsize=256)
+def _tile_table(row_counts: tuple[int, ...], block_rows: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """``(tile table, number of tiles)``: (tensor index, first row) of every program. It holds
+    no address, so it is cached by row counts: reallocated gradients never rebuild it."""
+    tiles_per_tensor = torch.tensor([cdiv(rows, block_rows) for rows in row_counts], dtype=torch.int64)
+    tensor_index = torch.repeat_interleave(torch.arange(len(row_counts)), tiles_per_tensor)
     first_tile = torch.cumsum(tiles_per_tensor, 0) - tiles_per_tensor
     first_row = (torch.arange(len(tensor_index)) - first_tile[tensor_index]) * block_rows
-    tile_table = torch.stack([tensor_index, first_row], dim=1).reshape(-1)
-    cached = (_to_device(tensor_table, device), _to_device(tile_table, device), len(tensor_index))
-    _TABLE_CACHE[key] = cached
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return cached
+    return _to_device(torch.stack([tensor_index, first_row], dim=1).reshape(-1), device), len(tensor_index)
 
 
 def plain_row_length(interpreted: bool) -> int:
@@ -275,6 +279,11 @@ def step_blocking(n_cols: int | None, *, hadamard: bool, block_size: int, interp
     """Row blocking of a tensor in a launch: its rows (``n_cols``) when CAGE quantizes it,
     rows of one chunk for plain AdamW (``n_cols=None``). Rows longer than a chunk are
     walked at run time, so every tensor of one width (and all plain ones) shares a launch."""
+    return _step_blocking(n_cols, hadamard, block_size, interpreted, tiling.ROW_CHUNK_MAX)
+
+
+@functools.lru_cache(maxsize=1024)
+def _step_blocking(n_cols, hadamard, block_size, interpreted, row_chunk_max) -> RowTiling:
     if n_cols is None:  # rows of exactly one chunk
         row = plain_row_length(interpreted)
         blocking = plan_rows(row, PLAIN_TILE_WIDTH, uses_dot=False, interpreted=interpreted)
@@ -288,34 +297,41 @@ def alignment(p, g, m, v, n_cols: int) -> int:
     """Largest VEC in 1, 2, 4, 8, 16 such that the row length, the element count and every
     address of the tensor's streams are multiples of VEC elements (torch's allocations
     of sizes in multiples of 16 always are)."""
+    addresses = [(t.data_ptr(), t.element_size()) for t in (p, g, m, v)]
+    numel = p.numel()
     vec = 16
-    while vec > 1 and not (
-        n_cols % vec == 0 and p.numel() % vec == 0
-        and all(t.data_ptr() % (vec * t.element_size()) == 0 for t in (p, g, m, v))
-    ):
+    while vec > 1 and (n_cols % vec or numel % vec or any(ptr % (vec * size) for ptr, size in addresses)):
         vec //= 2
     return vec
 
 
+@functools.lru_cache(maxsize=1024)
+def _step_kernel_launch(n_tiles, blocking, param_dtype, grad_dtype, vec, lerp_small_weight, cage, coupled, hadamard,
+                        check_found_inf, unscale_grad):
+    return Launch.of(
+        _adamw_cage_kernel, (n_tiles,), blocking,
+        PARAM_DTYPE=tl_dtype(param_dtype), GRAD_DTYPE=tl_dtype(grad_dtype),
+        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
+        SINGLE_CHUNK=blocking.single_chunk, LERP_SMALL_WEIGHT=lerp_small_weight,
+        CAGE=cage, COUPLED=cage and coupled, HADAMARD=cage and hadamard,
+        X_SPLIT=split_parts(param_dtype), CHECK_FOUND_INF=check_found_inf, UNSCALE_GRAD=unscale_grad, VEC=vec,
+        PARAM_BYTES=param_dtype.itemsize, GRAD_BYTES=grad_dtype.itemsize,
+    )
+
+
 def step_launch(tensor_table, tile_table, rot, found_inf, n_tiles, blocking: RowTiling, *, param_dtype, grad_dtype,
                 vec: int, lr, beta1, beta2, eps, weight_decay, step, cage_lambda, coupled, levels, alpha, hadamard,
-                block_size, rms_eps):
+                block_size, rms_eps, grad_scale=None):
     """``(Launch, args)`` of one bucket; the tensors may be dtypes (compile gate)."""
     cage = levels is not None and cage_lambda != 0
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     beta1_weight = 1 - beta1
-    launch = Launch.of(
-        _adamw_cage_kernel, (n_tiles,), blocking,
-        PARAM_DTYPE=tl_dtype(param_dtype), GRAD_DTYPE=tl_dtype(grad_dtype),
-        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
-        SINGLE_CHUNK=blocking.single_chunk, LERP_SMALL_WEIGHT=abs(beta1_weight) < 0.5,
-        CAGE=cage, COUPLED=cage and coupled, HADAMARD=cage and hadamard,
-        X_SPLIT=split_parts(param_dtype), CHECK_FOUND_INF=found_inf is not None, VEC=vec,
-        PARAM_BYTES=param_dtype.itemsize, GRAD_BYTES=grad_dtype.itemsize,
-    )
+    launch = _step_kernel_launch(n_tiles, blocking, param_dtype, grad_dtype, vec, abs(beta1_weight) < 0.5, cage,
+                                 coupled, hadamard, found_inf is not None, grad_scale is not None)
     args = (
         tensor_table, tile_table, rot, found_inf if found_inf is not None else tile_table,
+        grad_scale if grad_scale is not None else tile_table,
         1 - lr * weight_decay, beta1_weight, beta2, 1 - beta2, -(lr / bias_correction1), bias_correction2**0.5, eps,
         float(cage_lambda), lr * cage_lambda, alpha if cage else 0.0, float(levels - 1) if cage else 1.0,
         1.0 / block_size**0.5 if cage and hadamard else 1.0, rms_eps,
@@ -324,58 +340,132 @@ def step_launch(tensor_table, tile_table, rot, found_inf, n_tiles, blocking: Row
 
 
 def kernel_can_step(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
-    """What the kernel takes: float params and grads, fp32 contiguous moments, one device."""
+    """What the kernel takes: float params and grads, contiguous tensors with fp32 moments, one device."""
     return (
         p.dtype in PARAM_DTYPES and grad.dtype in PARAM_DTYPES
         and exp_avg.dtype == exp_avg_sq.dtype == torch.float32
-        and p.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()
+        and p.is_contiguous() and grad.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()
         and grad.layout == torch.strided
         and grad.device == p.device == exp_avg.device == exp_avg_sq.device
     )
+
+
+class _Bucket:
+    """Tensors of one launch: the same dtypes, device, row blocking and alignment. ``members``
+    are their positions in the plan's input lists; ``records`` the tensor table's contents."""
+
+    __slots__ = ("param_dtype", "grad_dtype", "device", "blocking", "vec", "members", "records", "tensor_table",
+                 "tile_table", "n_tiles", "rot")
+
+    def __init__(self, param_dtype, grad_dtype, device, blocking, vec, members, records, tile_table, n_tiles, rot):
+        self.param_dtype, self.grad_dtype, self.device, self.blocking, self.vec = (
+            param_dtype, grad_dtype, device, blocking, vec)
+        self.members, self.records = members, records
+        self.tensor_table = _to_device(torch.tensor(records, dtype=torch.int64), device)
+        self.tile_table, self.n_tiles, self.rot = tile_table, n_tiles, rot
+
+
+class StepPlan:
+    """The launches of one fused step over fixed tensors, planned once and launched every step.
+
+    The tensor table holds the tensors' addresses: a plan is valid while the same storage
+    holds every param, grad and moment. The caller owns that check (``cage.ops.adamw_cage``
+    keys its plans by the addresses) and keeps no reference to the gradients, so that the
+    caching allocator can hand the next step's gradients the same blocks; when it hands
+    others, :meth:`retarget` rewrites the gradients' addresses without planning again.
+    ``cage`` chooses the kernel variant: ``levels``/``alpha``/``hadamard``/``block_size``
+    describe the quantizer of every tensor (each a matrix quantized per row), and
+    ``cage=False`` is plain AdamW.
+    """
+
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, *, cage: bool = False, levels: int | None = None,
+                 alpha: float | None = None, hadamard: bool = True, block_size: int = 128):
+        interpreted = is_interpreted(_adamw_cage_kernel)
+        self.cage, self.levels, self.alpha = cage, levels, alpha
+        self.hadamard, self.block_size = hadamard, block_size
+        groups: dict[tuple, list] = collections.defaultdict(list)
+        for index, (p, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+            if not kernel_can_step(p, grad, exp_avg, exp_avg_sq):
+                raise ValueError(
+                    "cage_kernels.adamw_cage_step: every tensor needs float32/bfloat16/float16 params and grads, "
+                    "contiguous tensors and float32 moments, all on one device; got param "
+                    f"{p.dtype} {tuple(p.shape)} on {p.device}, grad {grad.dtype} "
+                    f"(contiguous: {grad.is_contiguous()}), moments {exp_avg.dtype}"
+                )
+            if cage:
+                check_quantizer_args(p.dtype, levels, alpha, hadamard, block_size, 0, p.shape[-1])
+            blocking = step_blocking(p.shape[-1] if cage else None, hadamard=hadamard, block_size=block_size,
+                                     interpreted=interpreted)
+            n_cols = p.shape[-1] if cage else blocking.chunk_width
+            vec = alignment(p, grad, exp_avg, exp_avg_sq, n_cols)
+            groups[(p.dtype, grad.dtype, p.device, blocking, vec)].append(
+                (index, p.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), p.numel(), n_cols))
+        self.size = len(params)
+        self.buckets = []
+        for (param_dtype, grad_dtype, device, blocking, vec), items in groups.items():
+            records = []
+            for _, p_ptr, g_ptr, m_ptr, v_ptr, numel, n_cols in items:
+                records += [p_ptr, g_ptr, m_ptr, v_ptr, cdiv(numel, n_cols), n_cols, numel, 0]
+            tile_table, n_tiles = _tile_table(tuple(records[4::RECORD.value]), blocking.block_rows, device)
+            rot, _ = load_rotation_args(cage and hadamard, block_size, device, dummy=tile_table,
+                                        interpreted=interpreted)
+            self.buckets.append(_Bucket(param_dtype, grad_dtype, device, blocking, vec, [it[0] for it in items],
+                                        records, tile_table, n_tiles, rot))
+
+    def retarget(self, grad_addresses: list[int]) -> bool:
+        """Point the plan at gradients that moved (``grad_addresses``: one per input tensor, in
+        the order the plan was built with; same shapes and dtypes). False, changing nothing,
+        when an address breaks a bucket's vector alignment: then plan again."""
+        for b in self.buckets:
+            unit = b.vec * b.grad_dtype.itemsize
+            if any(grad_addresses[i] % unit for i in b.members):
+                return False
+        for b in self.buckets:
+            b.records[1::RECORD.value] = [grad_addresses[i] for i in b.members]
+            b.tensor_table = _to_device(torch.tensor(b.records, dtype=torch.int64), b.device)
+        return True
+
+    def __call__(self, *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 cage_lambda: float = 0.0, coupled: bool = False, rms_eps: float = 1e-20,
+                 found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> None:
+        """One step of every tensor of the plan (``step`` counts from 1). ``found_inf``: a
+        one-element flag, nonzero leaves everything unchanged; ``grad_scale``: a one-element
+        loss scale the gradients are divided by (torch's fused-AdamW protocol). Both stay on
+        the device (moved there if they are elsewhere: no host read)."""
+        if self.cage and cage_lambda == 0:
+            raise ValueError("cage_kernels.StepPlan: a CAGE plan needs cage_lambda != 0; plan plain AdamW instead")
+        levels = self.levels if self.cage else None
+        for b in self.buckets:
+            flag = found_inf if found_inf is None or found_inf.device == b.device else found_inf.to(b.device)
+            scale = grad_scale if grad_scale is None or grad_scale.device == b.device else grad_scale.to(b.device)
+            launch, args = step_launch(
+                b.tensor_table, b.tile_table, b.rot, flag, b.n_tiles, b.blocking, param_dtype=b.param_dtype,
+                grad_dtype=b.grad_dtype, vec=b.vec, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, step=step, cage_lambda=cage_lambda if self.cage else 0.0, coupled=coupled,
+                levels=levels, alpha=self.alpha, hadamard=self.hadamard, block_size=self.block_size,
+                rms_eps=rms_eps, grad_scale=scale,
+            )
+            launch(*args)
 
 
 def adamw_cage_step(
     params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, cage_lambda: float = 0.0, coupled: bool = False, levels: int | None = None,
     alpha: float | None = None, hadamard: bool = True, block_size: int = 128, rms_eps: float = 1e-20,
-    found_inf: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW (+ CAGE) step of every tensor, in place, sharing hyperparameters and step.
+    """One AdamW (+ CAGE) step of every tensor, in place, sharing hyperparameters and step:
+    a :class:`StepPlan` built and launched once (callers that step the same tensors again
+    keep the plan instead).
 
     ``levels``/``alpha``/``hadamard``/``block_size`` describe the quantizer (``levels``
     None: plain AdamW); with ``cage_lambda != 0`` every tensor is a matrix quantized per
     row. ``step`` counts from 1. ``found_inf``: an optional one-element device tensor; a
-    nonzero value makes the launch change nothing. Tensors must pass ``kernel_can_step``.
+    nonzero value makes the launch change nothing. ``grad_scale``: an optional one-element
+    device tensor the gradients are divided by. Tensors must pass ``kernel_can_step``.
     """
-    interpreted = is_interpreted(_adamw_cage_kernel)
     cage = levels is not None and cage_lambda != 0
-    buckets: dict[tuple, list] = collections.defaultdict(list)
-    for p, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs):
-        if not kernel_can_step(p, grad, exp_avg, exp_avg_sq):
-            raise ValueError(
-                "cage_kernels.adamw_cage_step: every tensor needs float32/bfloat16/float16 params and grads, "
-                "contiguous params and float32 moments, all on one device; got param "
-                f"{p.dtype} {tuple(p.shape)} on {p.device}, grad {grad.dtype}, moments {exp_avg.dtype}"
-            )
-        if cage:
-            check_quantizer_args(p.dtype, levels, alpha, hadamard, block_size, 0, p.shape[-1])
-        blocking = step_blocking(p.shape[-1] if cage else None, hadamard=hadamard, block_size=block_size,
-                                 interpreted=interpreted)
-        grad = grad.contiguous()
-        vec = alignment(p, grad, exp_avg, exp_avg_sq, p.shape[-1] if cage else blocking.chunk_width)
-        buckets[(p.dtype, grad.dtype, p.device, blocking, vec)].append((p, grad, exp_avg, exp_avg_sq))
-    for (param_dtype, grad_dtype, device, blocking, vec), items in buckets.items():
-        records = []
-        for p, grad, exp_avg, exp_avg_sq in items:
-            n_cols = p.shape[-1] if cage else blocking.chunk_width
-            records += [p.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-                        triton.cdiv(p.numel(), n_cols), n_cols, p.numel(), 0]
-        tensor_table, tile_table, n_tiles = _launch_tables(tuple(records), blocking.block_rows, device)
-        rot, _ = load_rotation_args(cage and hadamard, block_size, device, dummy=tile_table, interpreted=interpreted)
-        launch, args = step_launch(
-            tensor_table, tile_table, rot, found_inf, n_tiles, blocking, param_dtype=param_dtype,
-            grad_dtype=grad_dtype, vec=vec, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-            cage_lambda=cage_lambda, coupled=coupled, levels=levels, alpha=alpha, hadamard=hadamard,
-            block_size=block_size, rms_eps=rms_eps,
-        )
-        launch(*args)
+    plan = StepPlan(params, grads, exp_avgs, exp_avg_sqs, cage=cage, levels=levels, alpha=alpha, hadamard=hadamard,
+                    block_size=block_size)
+    plan(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, cage_lambda=cage_lambda,
+         coupled=coupled, rms_eps=rms_eps, found_inf=found_inf, grad_scale=grad_scale)

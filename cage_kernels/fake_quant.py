@@ -12,12 +12,17 @@ passes. For ``grad_mask="none"`` nothing is stored: an empty uint8 tensor.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from . import tiling
+
 from .hadamard import MAX_KERNEL_BLOCK, load_rotation, load_rotation_args
-from .launch import Launch, dtype_of
+from .launch import Launch, PlanCache, dtype_of
 from .quant_math import (
     MASK_CLIP,
     MASK_NONE,
@@ -30,7 +35,7 @@ from .quant_math import (
     store_rounded,
     sweep_sum_squares,
 )
-from .tiling import is_interpreted, plan_rows, quant_rot_width, split_parts
+from .tiling import cdiv, is_interpreted, plan_rows, quant_rot_width, split_parts
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASK_MODES = (MASK_NONE, MASK_CLIP, MASK_TRUST)
@@ -167,18 +172,69 @@ def forward_launch(x, q, mask, rot, n_rows, n_cols, *, levels, alpha, hadamard, 
     """``(Launch, args)`` of the forward kernel; the tensors may be dtypes (compile gate)."""
     if interpreted is None:
         interpreted = is_interpreted(_fake_quant_fwd_kernel)
-    blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
-                         uses_dot=hadamard, interpreted=interpreted)
-    launch = Launch.of(
-        _fake_quant_fwd_kernel, (triton.cdiv(n_rows, blocking.block_rows),), blocking,
-        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
-        SINGLE_CHUNK=blocking.single_chunk, HADAMARD=hadamard, ROTATE_BACK=rotate_back,
-        STORE_MASK=mask_mode != MASK_NONE, X_SPLIT=split_parts(dtype_of(x)),
-    )
+    launch = _forward_kernel_launch(n_rows, n_cols, dtype_of(x), hadamard, block_size, mask_mode != MASK_NONE,
+                                    rotate_back, interpreted, tiling.ROW_CHUNK_MAX)
     args = (x, q, mask, rot, n_rows, n_cols, mask_bytes_per_row(n_cols),
             alpha, float(levels - 1), 1.0 / block_size**0.5 if hadamard else 1.0,
             1.0 if mask_mode == MASK_TRUST else 0.0, mask_radius, rms_eps)
     return launch, args
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_kernel_launch(n_rows, n_cols, dtype, hadamard, block_size, store_mask, rotate_back, interpreted,
+                           row_chunk_max):
+    blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
+                         uses_dot=hadamard, interpreted=interpreted)
+    return Launch.of(
+        _fake_quant_fwd_kernel, (cdiv(n_rows, blocking.block_rows),), blocking,
+        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
+        SINGLE_CHUNK=blocking.single_chunk, HADAMARD=hadamard, ROTATE_BACK=rotate_back,
+        STORE_MASK=store_mask, X_SPLIT=split_parts(dtype),
+    )
+
+
+class ForwardPlan:
+    """A forward call planned once for one input shape, dtype, device and quantizer:
+    ``plan(x) -> (q, mask)``, with nothing validated or planned again (``plan_forward``)."""
+
+    __slots__ = ("launch", "mask_shape", "rot", "tail", "stores_mask")
+
+    def __init__(self, launch, mask_shape, rot, tail, stores_mask):
+        self.launch, self.mask_shape, self.rot, self.tail, self.stores_mask = launch, mask_shape, rot, tail, stores_mask
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.contiguous()
+        q = torch.empty_like(x)
+        mask = x.new_empty(self.mask_shape, dtype=torch.uint8)
+        if self.launch is not None:
+            self.launch(x, q, mask if self.stores_mask else q, x if self.rot is None else self.rot, *self.tail)
+        return q, mask
+
+
+def plan_forward(shape, dtype: torch.dtype, device: torch.device, *, levels: int, alpha: float, hadamard: bool,
+                 block_size: int, mask_mode: int, mask_radius: float, rotate_back: bool = True,
+                 rms_eps: float = 1e-20) -> ForwardPlan:
+    """The :class:`ForwardPlan` of inputs of ``shape``/``dtype`` on ``device`` (arguments as
+    :func:`fake_quant_forward`'s); raises ValueError for what the kernel does not take."""
+    n_cols = shape[-1] if len(shape) else 1
+    check_quantizer_args(dtype, levels, alpha, hadamard, block_size, mask_mode, n_cols)
+    numel = math.prod(shape)
+    n_rows = numel // n_cols if n_cols else 0
+    stores_mask = mask_mode != MASK_NONE
+    mask_shape = (n_rows, mask_bytes_per_row(n_cols)) if stores_mask else (0,)
+    if numel == 0:
+        return ForwardPlan(None, mask_shape, None, (), stores_mask)
+    interpreted = is_interpreted(_fake_quant_fwd_kernel)
+    rot, _ = load_rotation_args(hadamard, block_size, device, dummy=None, interpreted=interpreted)
+    launch, args = forward_launch(
+        dtype, dtype, torch.uint8, rot, n_rows, n_cols, levels=levels, alpha=alpha, hadamard=hadamard,
+        block_size=block_size, mask_mode=mask_mode, mask_radius=mask_radius, rotate_back=rotate_back,
+        rms_eps=rms_eps, interpreted=interpreted,
+    )
+    return ForwardPlan(launch, mask_shape, rot, args[4:], stores_mask)
+
+
+_FORWARD_PLANS = PlanCache()
 
 
 def fake_quant_forward(
@@ -190,24 +246,14 @@ def fake_quant_forward(
 
     ``levels = 2**bits``, ``alpha`` the clip in units of the row RMS, ``mask_mode`` one of
     MASK_NONE / MASK_CLIP (``|x_h| <= mask_radius * s``) / MASK_TRUST
-    (``|q_h - x_h| <= mask_radius * s``)."""
-    n_cols = x.shape[-1] if x.dim() else 1
-    check_quantizer_args(x.dtype, levels, alpha, hadamard, block_size, mask_mode, n_cols)
-    x = x.contiguous()
-    n_rows = x.numel() // n_cols if n_cols else 0
-    q = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if mask_mode == MASK_NONE:
-        mask = empty_mask(x.device)
-    else:
-        mask = torch.empty((n_rows, mask_bytes_per_row(n_cols)), dtype=torch.uint8, device=x.device)
-    if x.numel() == 0:
-        return q, mask
-    interpreted = is_interpreted(_fake_quant_fwd_kernel)
-    rot, _ = load_rotation_args(hadamard, block_size, x.device, dummy=x, interpreted=interpreted)
-    launch, args = forward_launch(
-        x, q, mask if mask.numel() else q, rot, n_rows, n_cols, levels=levels, alpha=alpha,
-        hadamard=hadamard, block_size=block_size, mask_mode=mask_mode, mask_radius=mask_radius,
-        rotate_back=rotate_back, rms_eps=rms_eps, interpreted=interpreted,
-    )
-    launch(*args)
-    return q, mask
+    (``|q_h - x_h| <= mask_radius * s``). Plans are cached by shape, dtype, device and
+    arguments (a caller with its own key keeps :func:`plan_forward`'s plan instead)."""
+    key = (x.shape, x.dtype, x.device, levels, alpha, hadamard, block_size, mask_mode, mask_radius, rotate_back,
+           rms_eps, tiling.ROW_CHUNK_MAX)
+    plan = _FORWARD_PLANS.get(key)
+    if plan is None:
+        plan = _FORWARD_PLANS.put(key, plan_forward(
+            x.shape, x.dtype, x.device, levels=levels, alpha=alpha, hadamard=hadamard, block_size=block_size,
+            mask_mode=mask_mode, mask_radius=mask_radius, rotate_back=rotate_back, rms_eps=rms_eps,
+        ))
+    return plan(x)

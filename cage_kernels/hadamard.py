@@ -30,7 +30,7 @@ MIN_DOT = 16
 # Largest Hadamard block the kernels take (H_W = H_n (x) H_16 with n <= 16).
 MAX_KERNEL_BLOCK = 128
 
-_ROTATION_CACHE: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
+_ROTATION_CACHE: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def rotation_width(block_size: int) -> int:
@@ -53,7 +53,7 @@ def rotation_tile(block_size: int, device: torch.device, dtype: torch.dtype = to
     columns: the fast stage (``H_16``, or ``kron(I_{16/B}, H_B)`` for B < 16) and the slow
     stage (``kron(I_{16/n}, H_n)``, n = B / 16; the identity when there is none).
     Entries +-1 and 0, exact in any float dtype; cached per device and dtype."""
-    key = (block_size, str(device), dtype)
+    key = (block_size, device, dtype)  # tensors' devices carry their index: cuda:0, not cuda
     tile = _ROTATION_CACHE.get(key)
     if tile is None:
         fast = sylvester_signs(min(block_size, MIN_DOT))

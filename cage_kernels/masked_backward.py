@@ -8,15 +8,20 @@ back and stored in the gradient's dtype.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from . import tiling
+
 from .fake_quant import KERNEL_DTYPES, MAX_KERNEL_BLOCK
 from .hadamard import load_rotation, load_rotation_args, rotate_tiles
-from .launch import Launch, dtype_of
+from .launch import Launch, PlanCache, dtype_of
 from .quant_math import chunk_offsets, load_mask_bits, store_rounded
-from .tiling import is_interpreted, plan_rows, quant_rot_width, split_parts
+from .tiling import cdiv, is_interpreted, plan_rows, quant_rot_width, split_parts
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # any row count: one kernel
@@ -50,16 +55,70 @@ def backward_launch(grad, mask, out, rot, n_rows, n_cols, *, hadamard, block_siz
     """``(Launch, args)`` of the backward kernel; the tensors may be dtypes (compile gate)."""
     if interpreted is None:
         interpreted = is_interpreted(_fake_quant_bwd_kernel)
-    blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
-                         uses_dot=hadamard, interpreted=interpreted)
-    launch = Launch.of(
-        _fake_quant_bwd_kernel, (triton.cdiv(n_rows, blocking.block_rows), blocking.n_chunks), blocking,
-        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
-        ROTATE_IN=hadamard and not grad_is_rotated, ROTATE_OUT=hadamard, APPLY_MASK=apply_mask,
-        GRAD_SPLIT=split_parts(dtype_of(grad)),
-    )
+    launch = _backward_kernel_launch(n_rows, n_cols, dtype_of(grad), hadamard, block_size, apply_mask,
+                                     grad_is_rotated, interpreted, tiling.ROW_CHUNK_MAX)
     args = (grad, mask, out, rot, n_rows, n_cols, (n_cols + 7) // 8, 1.0 / block_size**0.5 if hadamard else 1.0)
     return launch, args
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_kernel_launch(n_rows, n_cols, dtype, hadamard, block_size, apply_mask, grad_is_rotated, interpreted,
+                            row_chunk_max):
+    blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
+                         uses_dot=hadamard, interpreted=interpreted)
+    return Launch.of(
+        _fake_quant_bwd_kernel, (cdiv(n_rows, blocking.block_rows), blocking.n_chunks), blocking,
+        BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
+        ROTATE_IN=hadamard and not grad_is_rotated, ROTATE_OUT=hadamard, APPLY_MASK=apply_mask,
+        GRAD_SPLIT=split_parts(dtype),
+    )
+
+
+class BackwardPlan:
+    """A backward call planned once for one gradient shape, dtype, device and rotation:
+    ``plan(grad, mask_state) -> grad_x`` (``plan_backward``)."""
+
+    __slots__ = ("launch", "identity", "rot", "tail", "apply_mask")
+
+    def __init__(self, launch, identity, rot, tail, apply_mask):
+        self.launch, self.identity, self.rot, self.tail, self.apply_mask = launch, identity, rot, tail, apply_mask
+
+    def __call__(self, grad: torch.Tensor, mask_state: torch.Tensor) -> torch.Tensor:
+        if self.identity:  # no mask, and the rotations cancel (H H = I) or there are none
+            return grad.contiguous().clone()
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        if self.launch is not None:
+            self.launch(grad, mask_state if self.apply_mask else grad, out, grad if self.rot is None else self.rot,
+                        *self.tail)
+        return out
+
+
+def plan_backward(shape, dtype: torch.dtype, device: torch.device, *, hadamard: bool, block_size: int,
+                  apply_mask: bool, grad_is_rotated: bool = False) -> BackwardPlan:
+    """The :class:`BackwardPlan` of gradients of ``shape``/``dtype`` on ``device``."""
+    if dtype not in KERNEL_DTYPES or (hadamard and block_size > MAX_KERNEL_BLOCK):
+        raise ValueError(
+            f"cage_kernels: grad dtype {dtype} with hadamard={hadamard}, block_size={block_size} is not "
+            f"supported (dtypes {KERNEL_DTYPES}, Hadamard blocks up to {MAX_KERNEL_BLOCK})"
+        )
+    if not apply_mask and (hadamard and not grad_is_rotated) == hadamard:
+        return BackwardPlan(None, True, None, (), apply_mask)
+    n_cols = shape[-1] if len(shape) else 1
+    numel = math.prod(shape)
+    n_rows = numel // n_cols if n_cols else 0
+    if numel == 0:
+        return BackwardPlan(None, False, None, (), apply_mask)
+    interpreted = is_interpreted(_fake_quant_bwd_kernel)
+    rot, _ = load_rotation_args(hadamard, block_size, device, dummy=None, interpreted=interpreted)
+    launch, args = backward_launch(
+        dtype, torch.uint8, dtype, rot, n_rows, n_cols, hadamard=hadamard, block_size=block_size,
+        apply_mask=apply_mask, grad_is_rotated=grad_is_rotated, interpreted=interpreted,
+    )
+    return BackwardPlan(launch, False, rot, args[4:], apply_mask)
+
+
+_BACKWARD_PLANS = PlanCache()
 
 
 def fake_quant_backward(
@@ -68,26 +127,12 @@ def fake_quant_backward(
 ) -> torch.Tensor:
     """The straight-through gradient for the input, in ``grad``'s dtype and shape
     (contiguous). ``mask_state`` is the forward's bit-packed mask (ignored without
-    ``apply_mask``)."""
-    if grad.dtype not in KERNEL_DTYPES or (hadamard and block_size > MAX_KERNEL_BLOCK):
-        raise ValueError(
-            f"cage_kernels: grad dtype {grad.dtype} with hadamard={hadamard}, block_size={block_size} is not "
-            f"supported (dtypes {KERNEL_DTYPES}, Hadamard blocks up to {MAX_KERNEL_BLOCK})"
-        )
-    rotate_in = hadamard and not grad_is_rotated
-    if not apply_mask and rotate_in == hadamard:
-        return grad.contiguous().clone()  # H H = I (or no rotation at all): the identity
-    grad = grad.contiguous()
-    n_cols = grad.shape[-1] if grad.dim() else 1
-    n_rows = grad.numel() // n_cols if n_cols else 0
-    out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-    if grad.numel() == 0:
-        return out
-    interpreted = is_interpreted(_fake_quant_bwd_kernel)
-    rot, _ = load_rotation_args(hadamard, block_size, grad.device, dummy=grad, interpreted=interpreted)
-    launch, args = backward_launch(
-        grad, mask_state if apply_mask else grad, out, rot, n_rows, n_cols, hadamard=hadamard,
-        block_size=block_size, apply_mask=apply_mask, grad_is_rotated=grad_is_rotated, interpreted=interpreted,
-    )
-    launch(*args)
-    return out
+    ``apply_mask``). Plans are cached by shape, dtype, device and arguments."""
+    key = (grad.shape, grad.dtype, grad.device, hadamard, block_size, apply_mask, grad_is_rotated,
+           tiling.ROW_CHUNK_MAX)
+    plan = _BACKWARD_PLANS.get(key)
+    if plan is None:
+        plan = _BACKWARD_PLANS.put(key, plan_backward(grad.shape, grad.dtype, grad.device, hadamard=hadamard,
+                                                       block_size=block_size, apply_mask=apply_mask,
+                                                       grad_is_rotated=grad_is_rotated))
+    return plan(grad, mask_state)

@@ -12,9 +12,9 @@ row block is sized (ROW_BLOCK_ELEMS) so that the second sweep's reads come from 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
-import triton
 import triton.language as tl
 
 from .hadamard import MIN_DOT, rotation_width
@@ -46,6 +46,12 @@ NUM_STAGES = 1
 def is_interpreted(kernel) -> bool:
     """True when ``kernel`` runs under Triton's interpreter (TRITON_INTERPRET=1 at import)."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def cdiv(a: int, b: int) -> int:
+    """Integer ceiling division on the host (``triton.cdiv`` is a ``constexpr_function``: a
+    few microseconds a call, which planning would pay on every launch)."""
+    return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
@@ -89,6 +95,14 @@ def plain_rot_width(n_cols: int) -> int:
 
 
 def plan_rows(n_cols: int, rot_width: int, *, uses_dot: bool, interpreted: bool) -> RowTiling:
+    """Blocking for rows of ``n_cols`` columns cut into ``rot_width``-wide tiles (cached: a
+    launch plans the same few widths again and again; ROW_CHUNK_MAX is part of the key, as
+    tests lower it)."""
+    return _plan_rows(n_cols, rot_width, uses_dot, interpreted, ROW_CHUNK_MAX)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_rows(n_cols: int, rot_width: int, uses_dot: bool, interpreted: bool, row_chunk_max: int) -> RowTiling:
     """Blocking for rows of ``n_cols`` columns cut into ``rot_width``-wide tiles.
 
     A row that fits one chunk (padded to a power of two of tiles) is held whole and read
@@ -101,14 +115,14 @@ def plan_rows(n_cols: int, rot_width: int, *, uses_dot: bool, interpreted: bool)
     chunk_elems = CHUNK_ELEMS_INTERPRETED if interpreted else CHUNK_ELEMS_COMPILED
     row_block_elems = ROW_BLOCK_ELEMS_INTERPRETED if interpreted else ROW_BLOCK_ELEMS_COMPILED
     slots = max(1, chunk_elems // rot_width)  # tiles of one chunk, over all its rows
-    row_tiles = max(1, triton.cdiv(n_cols, rot_width))
-    max_tiles = max(1, min(slots, next_pow2(row_tiles), ROW_CHUNK_MAX // rot_width))
+    row_tiles = max(1, cdiv(n_cols, rot_width))
+    max_tiles = max(1, min(slots, next_pow2(row_tiles), row_chunk_max // rot_width))
     rows_wanted = prev_pow2(max(1, row_block_elems // max(n_cols, 1)))
 
     def rows_for(tiles: int) -> int:
         block_rows = max(1, min(slots // tiles, rows_wanted))
         if uses_dot:  # the rotation multiplies [block_rows * tiles * rot_width / 16, 16] by 16 x 16
-            block_rows = max(block_rows, triton.cdiv(MIN_DOT * MIN_DOT, tiles * rot_width))
+            block_rows = max(block_rows, cdiv(MIN_DOT * MIN_DOT, tiles * rot_width))
         return block_rows
 
     if next_pow2(row_tiles) <= max_tiles:
@@ -117,10 +131,10 @@ def plan_rows(n_cols: int, rot_width: int, *, uses_dot: bool, interpreted: bool)
     candidates = []
     tiles = min(max_tiles, max(1, slots // rows_wanted))
     while tiles <= max_tiles:
-        candidates.append(((triton.cdiv(row_tiles, tiles) * tiles, -rows_for(tiles)), tiles))
+        candidates.append(((cdiv(row_tiles, tiles) * tiles, -rows_for(tiles)), tiles))
         tiles *= 2
     tiles = min(candidates)[1]
-    return RowTiling(rot_width, tiles, rows_for(tiles), triton.cdiv(row_tiles, tiles))
+    return RowTiling(rot_width, tiles, rows_for(tiles), cdiv(row_tiles, tiles))
 
 
 def quant_rot_width(hadamard: bool, block_size: int, n_cols: int) -> int:

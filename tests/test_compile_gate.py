@@ -1,4 +1,4 @@
-"""The compile gate (``python -m cage_kernels.report``): every kernel configuration the
+"""The compile gate (``python -m cage_kernels.compile_gate``): every kernel configuration the
 launchers plan, compiled for sm_80 and sm_90a with the installed Triton, has no register
 spills, no stack, shared memory within a CTA's 227 KB and at least 2 resident CTAs per SM.
 
@@ -26,7 +26,7 @@ def gate(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, "-m", "cage_kernels.report", "--arch", "80", "--arch", "90",
+        [sys.executable, "-m", "cage_kernels.compile_gate", "--arch", "80", "--arch", "90",
          "--out", str(out / "report.md"), "--json", str(out / "summary.json")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=2400,
     )

@@ -1,23 +1,18 @@
 """Backward (masked straight-through gradient) kernel against cage.naive, and the
 kernels behind cage's public autograd API (fake_quantize, QATLinear, torch.compile)."""
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the kernels' import (SPEC 5)
-    os.environ["TRITON_INTERPRET"] = "1"
+import triton  # noqa: F401  (a missing triton fails here, loudly)
 
-import pytest  # noqa: E402
-import triton  # noqa: E402,F401  (a missing triton fails here, loudly)
-
-from cage import kernel_ops  # noqa: E402
-from cage import QATLinear, QuantConfig, fake_quantize, naive  # noqa: E402
-from cage.config import GRAD_MASKS  # noqa: E402
-from cage_kernels import tiling  # noqa: E402
-from cage_kernels import pack_mask  # noqa: E402
-from cage.kernel_ops import fake_quant_bwd_op  # noqa: E402
-from cage.testing import assert_close_except_rare  # noqa: E402
+from cage.ops.fake_quant import TRITON as triton_ops
+from cage import QATLinear, QuantConfig, fake_quantize, naive
+from cage.config import GRAD_MASKS
+from cage_kernels import tiling
+from cage_kernels import pack_mask
+from cage.ops.fake_quant import fake_quant_bwd_op
+from cage.testing import assert_close_except_rare
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -32,8 +27,8 @@ def randn(shape, dtype=torch.float32, seed=0):
 def assert_grad_matches(grad, mask_state, config, grad_is_rotated):
     """The kernel's gradient equals naive.masked_grad given the same mask (no decisions
     here: every element within rounding)."""
-    out = kernel_ops.masked_grad(grad, mask_state, config, grad_is_rotated)
-    mask = kernel_ops.mask_to_bool(mask_state, grad.shape)
+    out = triton_ops.masked_grad(grad, mask_state, config, grad_is_rotated)
+    mask = triton_ops.mask_to_bool(mask_state, grad.shape)
     expected = naive.masked_grad(grad, mask, config, grad_is_rotated)
     assert out.shape == grad.shape and out.dtype == grad.dtype
     assert_close_except_rare(out, expected, max_fraction=0.0, what="grad")
@@ -54,7 +49,7 @@ def test_backward_matches_reference(hadamard, grad_mask, dtype, grad_is_rotated,
     block = 32 if shape[1] % 32 == 0 else 4
     config = QuantConfig(3, hadamard=hadamard, block_size=block, grad_mask=grad_mask)
     x = randn(shape, dtype, seed=1)
-    _, mask_state = kernel_ops.quantize(x, config, not grad_is_rotated)
+    _, mask_state = triton_ops.quantize(x, config, not grad_is_rotated)
     assert_grad_matches(randn(shape, dtype, seed=2), mask_state, config, grad_is_rotated)
 
 
@@ -71,7 +66,7 @@ def test_backward_non_contiguous_grad_and_two_chunks(monkeypatch):
     monkeypatch.setattr(tiling, "ROW_CHUNK_MAX", 32)  # 3 column chunks per row (2-D grid)
     config = QuantConfig(2, block_size=16, grad_mask="clip")
     x = randn((2, 5, 80), torch.bfloat16, seed=5)
-    _, mask_state = kernel_ops.quantize(x, config, True)
+    _, mask_state = triton_ops.quantize(x, config, True)
     grad = randn((2, 80, 5), torch.bfloat16, seed=6).transpose(1, 2)
     assert not grad.is_contiguous()
     assert_grad_matches(grad, mask_state, config, False)
@@ -79,7 +74,7 @@ def test_backward_non_contiguous_grad_and_two_chunks(monkeypatch):
 
 def test_backward_custom_op_registration():
     config = QuantConfig(4, block_size=32)
-    _, mask_state = kernel_ops.quantize(randn((6, 64), seed=7), config, True)
+    _, mask_state = triton_ops.quantize(randn((6, 64), seed=7), config, True)
     torch.library.opcheck(fake_quant_bwd_op, (randn((6, 64), seed=8), mask_state, True, 32, "trust", False))
 
 
@@ -143,6 +138,6 @@ def test_torch_compile_traces_the_custom_ops():
 def test_backward_llama_mlp_row_lengths(n_cols, grad_is_rotated):
     config = QuantConfig(4)
     x = randn((2, n_cols), torch.float32, seed=n_cols)
-    _, mask_state = kernel_ops.quantize(x, config, not grad_is_rotated)
+    _, mask_state = triton_ops.quantize(x, config, not grad_is_rotated)
     assert_grad_matches(randn((2, n_cols), torch.bfloat16, seed=n_cols + 1).float(), mask_state, config, grad_is_rotated)
     assert_grad_matches(randn((2, n_cols), torch.bfloat16, seed=n_cols + 2), mask_state, config, grad_is_rotated)

@@ -15,25 +15,21 @@ equal bit for bit.
 """
 
 import importlib
-import os
 import random
 import zlib
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the kernels' import (SPEC 5)
-    os.environ["TRITON_INTERPRET"] = "1"
+import torch.nn.functional as F
+import triton  # noqa: F401  (a missing triton fails here, loudly)
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402,F401  (a missing triton fails here, loudly)
-
-import cage  # noqa: E402
-import cage_kernels  # noqa: E402
-from cage.convert import QuantizedLinear, _code_offset, _grid_step, dequantize_codes  # noqa: E402
-from cage.functional import fake_quantize  # noqa: E402
-from cage.packing import pack_codes  # noqa: E402
-from cage_kernels import dequant_matmul as kernel_module  # noqa: E402
+import cage
+import cage_kernels
+from cage.convert import QuantizedLinear, _code_offset, _grid_step, dequantize_codes
+from cage.functional import fake_quantize
+from cage.packing import pack_codes
+from cage_kernels import dequant_matmul as kernel_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -8,21 +8,18 @@ import os
 import random
 import zlib
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the kernels' import (SPEC 5)
-    os.environ["TRITON_INTERPRET"] = "1"
+import triton  # noqa: F401  (a missing triton fails here, loudly)
 
-import pytest  # noqa: E402
-import triton  # noqa: E402,F401  (a missing triton fails here, loudly)
-
-from cage import kernel_ops  # noqa: E402
-from cage import naive  # noqa: E402
-from cage.config import GRAD_MASKS, QuantConfig  # noqa: E402
-from cage_kernels import tiling  # noqa: E402
-from cage.kernel_ops import fake_quant_fwd_op  # noqa: E402
-from cage_kernels import pack_mask  # noqa: E402
-from cage.testing import check_fake_quant  # noqa: E402
+from cage.ops.fake_quant import TRITON as triton_ops
+from cage import naive
+from cage.config import GRAD_MASKS, QuantConfig
+from cage_kernels import tiling
+from cage.ops.fake_quant import fake_quant_fwd_op
+from cage_kernels import pack_mask
+from cage.testing import check_fake_quant
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,14 +40,14 @@ def make_input(shape, dtype, seed, device=DEVICE):
 
 
 def run_and_check(x, config, rotate_back=True):
-    q, mask_state = kernel_ops.quantize(x, config, rotate_back)
+    q, mask_state = triton_ops.quantize(x, config, rotate_back)
     n_cols = x.shape[-1]
     if config.grad_mask == "none":
         assert mask_state.numel() == 0
     else:  # 1 bit per element, rows padded to whole bytes
         assert mask_state.dtype == torch.uint8
         assert tuple(mask_state.shape) == (x.numel() // n_cols, (n_cols + 7) // 8)
-    return check_fake_quant(x, config, rotate_back, q, kernel_ops.mask_to_bool(mask_state, x.shape))
+    return check_fake_quant(x, config, rotate_back, q, triton_ops.mask_to_bool(mask_state, x.shape))
 
 
 def _forward_cases():
@@ -103,8 +100,8 @@ def test_non_contiguous_and_leading_dims(dtype):
     for x in (strided, transposed, base[:, 1]):
         assert not x.is_contiguous()
         run_and_check(x, config)
-        q, _ = kernel_ops.quantize(x, config, True)
-        assert torch.equal(q, kernel_ops.quantize(x.contiguous(), config, True)[0])
+        q, _ = triton_ops.quantize(x, config, True)
+        assert torch.equal(q, triton_ops.quantize(x.contiguous(), config, True)[0])
 
 
 def test_one_dimensional_input_is_one_row():
@@ -129,7 +126,7 @@ def test_zero_rows_and_empty_tensors():
     x[3, :32] = 0
     run_and_check(x, QuantConfig(4, block_size=32))
     empty = torch.empty(0, 64, device=DEVICE)
-    q, mask_state = kernel_ops.quantize(empty, QuantConfig(4, block_size=32), True)
+    q, mask_state = triton_ops.quantize(empty, QuantConfig(4, block_size=32), True)
     assert q.shape == (0, 64) and mask_state.shape == (0, 8)
 
 
@@ -141,10 +138,10 @@ def test_zero_rows_and_empty_tensors():
 def test_reference_fallbacks_keep_the_mask_format(dtype, config):
     # fp64 and blocks above 128 run the torch reference, with the same packed mask
     x = make_input((3, 256), dtype, 5)
-    q, mask_state = kernel_ops.quantize(x, config, True)
+    q, mask_state = triton_ops.quantize(x, config, True)
     q_ref, mask_ref = naive.quantize(x, config, True)
     assert torch.equal(q, q_ref)
-    assert torch.equal(kernel_ops.mask_to_bool(mask_state, x.shape), mask_ref)
+    assert torch.equal(triton_ops.mask_to_bool(mask_state, x.shape), mask_ref)
 
 
 @pytest.mark.parametrize("n_cols", [1, 8, 13, 64])
@@ -153,7 +150,7 @@ def test_mask_packing_round_trip(n_cols):
     mask = torch.rand(3, 2, n_cols, generator=gen) < 0.5
     packed = pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.shape == (6, (n_cols + 7) // 8)
-    assert torch.equal(kernel_ops.mask_to_bool(packed, mask.shape), mask)
+    assert torch.equal(triton_ops.mask_to_bool(packed, mask.shape), mask)
 
 
 def test_forward_custom_op_registration():
@@ -189,13 +186,13 @@ def test_exact_ties_round_half_to_even():
     config = QuantConfig(2, block_size=32)
     x = torch.full((3, 64), 0.75, device=DEVICE)
     x[1, 32:] = -1.25
-    q_h, mask_state = kernel_ops.quantize(x, config, False)
+    q_h, mask_state = triton_ops.quantize(x, config, False)
     s = config.alpha * torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-12)
     step = 2 * s / (config.levels - 1)
     zeros = torch.ones_like(x, dtype=torch.bool)
     zeros[:, 0] = zeros[:, 32] = False
     assert torch.equal(q_h[zeros], (-0.5 * step).expand_as(x)[zeros])
-    check_fake_quant(x, config, False, q_h, kernel_ops.mask_to_bool(mask_state, x.shape))
+    check_fake_quant(x, config, False, q_h, triton_ops.mask_to_bool(mask_state, x.shape))
 
 
 def test_import_without_triton_is_a_clear_error():

@@ -12,21 +12,17 @@ decision boundary, bounds how often that happens, and resyncs the kernel's copy.
 import collections
 import copy
 import io
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the kernels' import (SPEC 5)
-    os.environ["TRITON_INTERPRET"] = "1"
+import triton  # noqa: F401  (a missing triton fails here, loudly)
 
-import pytest  # noqa: E402
-import triton  # noqa: E402,F401  (a missing triton fails here, loudly)
-
-import cage_kernels.adamw_cage as adamw_cage  # noqa: E402
-from cage import CAGEAdamW, QuantConfig, naive  # noqa: E402
-from cage_kernels import tiling  # noqa: E402
-from cage_kernels.launch import Launch  # noqa: E402
-from cage.testing import MAX_FLIP_FRACTION, assert_close_except_rare, near_boundary_blocks, outliers  # noqa: E402
+import cage_kernels.adamw_cage as adamw_cage
+from cage import CAGEAdamW, QuantConfig, naive
+from cage_kernels import tiling
+from cage_kernels.launch import Launch
+from cage.testing import MAX_FLIP_FRACTION, assert_close_except_rare, near_boundary_blocks, outliers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}

@@ -4,19 +4,15 @@ prepare_qat validating every layer before it converts any."""
 
 import copy
 import math
-import os
 import warnings
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # the triton backend runs under the interpreter (before its import)
-    os.environ["TRITON_INTERPRET"] = "1"
+from torch import nn
 
-import pytest  # noqa: E402
-from torch import nn  # noqa: E402
-
-from cage import CAGEAdamW, QATLinear, QuantConfig, cage_lambda_at, prepare_qat, qat_param_groups  # noqa: E402
-from cage.optim import group_backend  # noqa: E402
+from cage import CAGEAdamW, QATLinear, QuantConfig, cage_lambda_at, prepare_qat, qat_param_groups
+from cage.optim import group_backend
 
 Q4 = QuantConfig(4, block_size=32)
 Q3 = QuantConfig(3, block_size=32)

@@ -4,20 +4,16 @@ must be fp32-accurate for every block size, and the split must be what makes it 
 Runs under Triton's interpreter on CPU (compiled on a GPU)."""
 
 import math
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the kernels' import (SPEC 5)
-    os.environ["TRITON_INTERPRET"] = "1"
+import triton
+import triton.language as tl
 
-import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from cage import naive  # noqa: E402
-from cage_kernels.hadamard import load_rotation, load_rotation_args, rotate_tiles, rotation_width  # noqa: E402
-from cage_kernels.tiling import is_interpreted  # noqa: E402
+from cage import naive
+from cage_kernels.hadamard import load_rotation, load_rotation_args, rotate_tiles, rotation_width
+from cage_kernels.tiling import is_interpreted
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ...naive import quantize
-from ...optim import local_tensor
+from ...ops.adamw_cage import local_tensor
 from .checkpoint import _atomic_write
 
 TRAIN_LOG = "train_log.csv"

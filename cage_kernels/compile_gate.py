@@ -2,7 +2,7 @@
 shapes, compiled for sm_80 and sm_90a without a GPU, with its registers, spills and
 shared memory read from the cubin.
 
-    python -m cage_kernels.report --arch 80 --arch 90 [--out FILE.md] [--jobs N]
+    python -m cage_kernels.compile_gate --arch 80 --arch 90 [--out FILE.md] [--jobs N]
 
 The configurations are built by the launchers' own planning (``forward_launch``,
 ``backward_launch``, ``step_blocking`` / ``step_launch``, ``matmul_launch``) from shapes and dtypes, so the
@@ -116,20 +116,26 @@ def optimizer_configs(quick: bool = False):
     widths = ROW_LENGTHS[::5] if quick else ROW_LENGTHS
     i64 = torch.int64
     dtypes = _dtypes()
-    # (param dtype, grad dtype, non-finite flag): every param dtype with its own grads and the
-    # flag (the GPU default); fp32 grads of bf16 params; no flag (check_finite=False)
-    variants = [(d, d, True) for d in dtypes.values()]
-    variants += [(torch.bfloat16, torch.float32, True), (torch.float32, torch.float32, False),
-                 (torch.bfloat16, torch.bfloat16, False)]
+    # (param dtype, grad dtype, non-finite flag, loss scale): every param dtype with its own grads
+    # and the flag (the GPU default); fp32 grads of bf16 params; no flag (check_finite=False);
+    # a GradScaler's loss scale (fp16 and fp32 training), sampled on a few cases
+    variants = [(d, d, True, False) for d in dtypes.values()]
+    variants += [(torch.bfloat16, torch.float32, True, False), (torch.float32, torch.float32, False, False),
+                 (torch.bfloat16, torch.bfloat16, False, False), (torch.float16, torch.float16, True, True),
+                 (torch.float32, torch.float32, True, True)]
     names = {v: k for k, v in dtypes.items()}
-    for dtype, grad_dtype, found_inf in variants:
+    for dtype, grad_dtype, found_inf, unscale in variants:
         flag = torch.float32 if found_inf else None
-        what = names[dtype] + ("" if grad_dtype == dtype else f" {names[grad_dtype]}-grads") + ("" if found_inf else " no-flag")
+        what = (names[dtype] + ("" if grad_dtype == dtype else f" {names[grad_dtype]}-grads")
+                + ("" if found_inf else " no-flag") + (" grad-scale" if unscale else ""))
         cases = [(None, False, False, 128, 16), (None, False, False, 128, 1)]  # plain AdamW, aligned or not
-        cases += [(n, coupled, hadamard, 128, 16) for n in widths for coupled in (False, True)
-                  for hadamard in (True, False)]
-        cases += [(n, coupled, True, 32, 16) for n in (640, 4096) for coupled in (False, True)]
-        cases += [(4100, coupled, False, 128, 4) for coupled in (False, True)]  # an odd width, no rotation
+        if unscale:
+            cases += [(n, coupled, True, 128, 16) for n in (640, 11008) for coupled in (False, True)]
+        else:
+            cases += [(n, coupled, hadamard, 128, 16) for n in widths for coupled in (False, True)
+                      for hadamard in (True, False)]
+            cases += [(n, coupled, True, 32, 16) for n in (640, 4096) for coupled in (False, True)]
+            cases += [(4100, coupled, False, 128, 4) for coupled in (False, True)]  # an odd width, no rotation
         for n_cols, coupled, hadamard, block, vec in cases:
             cage = n_cols is not None
             blocking = step_blocking(n_cols, hadamard=hadamard, block_size=block, interpreted=False)
@@ -138,7 +144,7 @@ def optimizer_configs(quick: bool = False):
                 param_dtype=dtype, grad_dtype=grad_dtype, vec=vec, lr=1e-3, beta1=0.9, beta2=0.95,
                 eps=1e-8, weight_decay=0.1, step=10, cage_lambda=5.0 if cage else 0.0, coupled=coupled,
                 levels=16 if cage else None, alpha=ALPHA[4] if cage else None, hadamard=hadamard,
-                block_size=block, rms_eps=RMS_EPS,
+                block_size=block, rms_eps=RMS_EPS, grad_scale=torch.float32 if unscale else None,
             )
             if cage:
                 rot = f"H{block}" if hadamard else "noH"
@@ -249,7 +255,7 @@ def render(results, versions: str) -> tuple[str, int]:
     lines = [
         "# Kernel resources: the compile gate",
         "",
-        f"`python -m cage_kernels.report {' '.join(f'--arch {a}' for a, *_ in results)}` ({versions}).",
+        f"`python -m cage_kernels.compile_gate {' '.join(f'--arch {a}' for a, *_ in results)}` ({versions}).",
         "Every configuration the launchers plan for the shapes below, compiled for each architecture",
         "without a GPU; each distinct specialization once. Registers, stack and LDL/STL (spill) counts",
         "come from the cubin (`cuobjdump`), shared memory is what the launch requests plus static;",
