@@ -166,12 +166,17 @@ def qat_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     One group per distinct weight QuantConfig (the quantized linear weights, with
     ``"quant"`` set so CAGE applies to them), one for the other matrices (decayed) and
     one for vectors such as norms and biases (no decay). Empty groups are left out.
-    Every Parameter is listed once, tied weights included.
+    Every Parameter is listed once, tied weights included; frozen ones
+    (``requires_grad=False``) are not listed.
     """
     quantized: dict[QuantConfig, list[nn.Parameter]] = {}
+    frozen = set()
     for w, cfg in quantized_weights(model).values():
-        quantized.setdefault(cfg, []).append(w)
-    seen = {id(w) for ws in quantized.values() for w in ws}
+        if w.requires_grad:
+            quantized.setdefault(cfg, []).append(w)
+        else:  # a frozen weight is not trained: a stale .grad must not step it
+            frozen.add(id(w))
+    seen = {id(w) for ws in quantized.values() for w in ws} | frozen
     decay, no_decay = [], []
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 import warnings
 from itertools import chain
 
@@ -90,7 +91,17 @@ def _check_torch_options(options: dict, backend: str) -> None:
         )
 
 
-def _check_group(group: dict, backend: str) -> None:
+OPTION_KEYS = ("lr", "eps", "weight_decay", "cage_lambda", "silence_ratio", "betas", "total_steps", "schedule",
+               "coupling", "quant", "fused")
+
+
+def group_options(group: dict) -> tuple:
+    """The values of a group's options, to tell that one was edited since it was checked."""
+    return tuple(group[key] for key in OPTION_KEYS)
+
+
+def _check_group(group: dict, backend: str, params: bool = True) -> None:
+    """Raise for an invalid option of ``group`` (and, with ``params``, an invalid parameter)."""
     def bad(name, accepted):
         return ValueError(f"CAGEAdamW: {name} must be {accepted}, got {group[name]!r}")
 
@@ -121,7 +132,7 @@ def _check_group(group: dict, backend: str) -> None:
         group["quant"] = quant = QuantConfig.from_dict(quant)
     if quant is not None and not isinstance(quant, QuantConfig):
         raise bad("quant", "a cage.QuantConfig or None")
-    for i, p in enumerate(group["params"]):
+    for i, p in enumerate(group["params"] if params else ()):
         if not p.is_floating_point():
             raise TypeError(f"CAGEAdamW: parameter {i} of a group is {p.dtype}; only floating-point parameters are optimized")
         if quant is not None:
@@ -262,6 +273,7 @@ class CAGEAdamW(Optimizer):
         self._host_steps: dict = {}  # param -> step count, for params no plan holds
         self._host_steps_valid = True
         self._state_version = 0
+        self._checked_groups: dict = {}  # group index -> (options, params) as last checked
         self._last_found_inf: torch.Tensor | None = None
         self._skipped_steps: torch.Tensor | None = None
 
@@ -293,11 +305,13 @@ class CAGEAdamW(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        quant = self.param_groups[-1]["quant"]
+        group = self.param_groups[-1]
+        self._checked_groups[len(self.param_groups) - 1] = (group_options(group), tuple(group["params"]))
+        quant = group["quant"]
         if quant is not None and quant.hadamard:
             # the matrices the torch formulation rotates with, built now: a traced step then
             # reads them as constants instead of building them inside its graph
-            for p in self.param_groups[-1]["params"]:
+            for p in group["params"]:
                 naive.hadamard_matrix(quant.block_size, naive.compute_dtype(ops.moment_dtype(p)), p.device)
 
     def lambda_at(self, step, group: dict | None = None):
@@ -391,6 +405,23 @@ class CAGEAdamW(Optimizer):
         dtensor = ops.dtensor_type()
         return None, ops.group_grads(group, dtensor is not None and any(isinstance(p, dtensor) for p in group["params"]))
 
+    def _check_edited(self, index: int, group: dict) -> None:
+        """A group edited in ``param_groups`` since it was checked is checked again: its
+        options (a scheduler's lr every step: a few comparisons), and its parameters when
+        they or the quantizer changed."""
+        options = group_options(group)
+        checked = self._checked_groups.get(index)
+        same_params = checked is not None and len(checked[1]) == len(group["params"]) and all(
+            map(operator.is_, checked[1], group["params"]))
+        if same_params and options == checked[0]:
+            return
+        structural = not same_params or options[-2:] != checked[0][-2:]  # quant, fused
+        try:
+            _check_group(group, self.backend, params=structural)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (param group {index}, as edited since the last step)") from None
+        self._checked_groups[index] = (group_options(group), tuple(group["params"]))
+
     def _check_host(self, index: int, group: dict, plan, grads: list) -> None:
         """The checks that raise, before anything changes: sparse and (check_finite "raise")
         non-finite gradients."""
@@ -443,6 +474,7 @@ class CAGEAdamW(Optimizer):
             self._host_steps_valid = True
         entries = [(index, group, *self._valid_plan(index, group)) for index, group in enumerate(self.param_groups)]
         for index, group, plan, grads in entries:  # an error here leaves everything unchanged
+            self._check_edited(index, group)
             self._check_host(index, group, plan, grads)
         work = []
         for index, group, plan, grads in entries:
@@ -546,15 +578,66 @@ class CAGEAdamW(Optimizer):
             saved["quant"], saved["betas"] = candidate["quant"], candidate["betas"]
         return groups
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        saved_state = state_dict["state"]
+    def _check_saved_state(self, state_dict) -> None:
+        """Every saved parameter state is one this optimizer can continue: raises, naming the
+        parameter and the field, before anything changes."""
+        def bad(message):
+            return ValueError(f"CAGEAdamW.load_state_dict: {message}")
+
+        groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        saved_ids = [pid for g in groups for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
         for pid, saved in saved_state.items():
+            if pid not in by_id:
+                raise bad(f"the state holds parameter id {pid!r}, which no saved param group lists "
+                          f"(ids {saved_ids[:8]}{'...' if len(saved_ids) > 8 else ''})")
+            if not isinstance(saved, dict):
+                raise bad(f"the state of parameter {pid} must be a dict, got {type(saved).__name__}")
             if "max_exp_avg_sq" in saved:
                 raise ValueError(
                     f"CAGEAdamW.load_state_dict: the state of parameter {pid} has max_exp_avg_sq (saved "
                     f"with amsgrad=True), which CAGEAdamW cannot continue: {TORCH_OPTIONS['amsgrad'][1]}"
                 )
-        state_dict = {**state_dict, "param_groups": self._loadable_groups(state_dict["param_groups"])}
+            p = by_id[pid]
+            for key in MOMENT_KEYS:
+                if key not in saved:
+                    continue
+                m = saved[key]
+                if not isinstance(m, torch.Tensor) or not m.is_floating_point():
+                    raise bad(f"{key} of parameter {pid} must be a floating-point tensor, got "
+                              f"{m.dtype if isinstance(m, torch.Tensor) else type(m).__name__}")
+                if tuple(m.shape) != tuple(p.shape):
+                    raise bad(f"{key} of parameter {pid} has shape {tuple(m.shape)}, the parameter "
+                              f"{tuple(p.shape)}; the state dict belongs to another model")
+                local = ops.local_tensor(m)
+                if local.numel() and not bool(torch.isfinite(local).all()):
+                    raise bad(f"{key} of parameter {pid} holds NaN or Inf")
+                if key == "exp_avg_sq" and local.numel() and bool((local < 0).any()):
+                    raise bad(f"exp_avg_sq of parameter {pid} holds negative values (a second moment is >= 0)")
+            if "step" in saved:
+                step = saved["step"]
+                value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                        math.isfinite(value) and value >= 0 and float(value).is_integer()):
+                    raise bad(f"step of parameter {pid} must be a whole number >= 0, got {step!r}")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        def bad(message):
+            return ValueError(f"CAGEAdamW.load_state_dict: {message}")
+
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise bad("a state dict has the keys 'state' and 'param_groups' (from CAGEAdamW.state_dict() or "
+                      f"torch.optim.AdamW.state_dict()), got {type(state_dict).__name__}"
+                      + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else ""))
+        groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(groups, (list, tuple)) or not all(isinstance(g, dict) and "params" in g for g in groups):
+            raise bad("'param_groups' must be a list of dicts with 'params'")
+        if not isinstance(saved_state, dict):
+            raise bad(f"'state' must be a dict of parameter id -> state, got {type(saved_state).__name__}")
+        loadable = self._loadable_groups(groups)
+        self._check_saved_state(state_dict)
+        state_dict = {**state_dict, "param_groups": loadable}
         super().load_state_dict(state_dict)
         id_to_param = dict(
             zip(

@@ -132,6 +132,47 @@ def test_an_invalid_or_mismatched_state_dict_is_refused_before_any_change():
     assert_unchanged(opt, before)
 
 
+def _corrupted(opt, how):
+    sd = copy.deepcopy(opt.state_dict())
+    last = max(sd["state"])  # the last parameter: the others would be loaded first
+    if how == "shape":
+        sd["state"][last]["exp_avg"] = sd["state"][last]["exp_avg"][:-1]
+    elif how == "negative":
+        sd["state"][last]["exp_avg_sq"][0] = -1.0
+    elif how == "nan":
+        sd["state"][last]["exp_avg"].view(-1)[0] = float("nan")
+    elif how == "unknown id":
+        sd["state"][999] = sd["state"][last]
+    elif how == "step":
+        sd["state"][last]["step"] = torch.tensor(-2.0)
+    elif how == "not a tensor":
+        sd["state"][last]["exp_avg_sq"] = [0.0]
+    return sd
+
+
+@pytest.mark.parametrize("how,match", [
+    ("shape", r"exp_avg of parameter \d+ has shape"), ("negative", r"exp_avg_sq of parameter \d+ holds negative"),
+    ("nan", r"exp_avg of parameter \d+ holds NaN"), ("unknown id", r"parameter id 999"),
+    ("step", r"step of parameter \d+ must be a whole number"), ("not a tensor", r"exp_avg_sq of parameter \d+ must be"),
+])
+def test_a_corrupted_state_is_refused_before_any_change(how, match):
+    model = small_model()
+    opt = CAGEAdamW(model, total_steps=10)
+    train_steps(model, opt, 2)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(_corrupted(opt, how))
+    assert_unchanged(opt, before)
+    train_steps(model, opt, 1)  # and the optimizer still steps
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_not_a_state_dict_is_refused_naming_the_keys():
+    opt = CAGEAdamW(small_model(), total_steps=10)
+    with pytest.raises(ValueError, match=r"keys 'state' and 'param_groups'.*\['param_groups'\]"):
+        opt.load_state_dict({"param_groups": []})
+
+
 def test_a_cage_state_dict_from_before_the_torch_keywords_loads():
     model = small_model()
     opt = CAGEAdamW(model, total_steps=10)
@@ -401,3 +442,41 @@ def test_prepare_qat_checks_the_backend_name_before_converting():
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'triton'\), got 'fast'"):
         prepare_qat(model, weight=Q4, skip=(), backend="fast")
     assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("total_steps", 0, "total_steps must be a positive integer"), ("lr", float("nan"), "lr must be >= 0"),
+    ("silence_ratio", 1.5, r"silence_ratio must be in \[0, 1\)"),
+])
+def test_an_option_edited_mid_run_is_checked_at_the_next_step(name, value, match):
+    model = small_model()
+    opt = CAGEAdamW(model, total_steps=10)
+    train_steps(model, opt, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0][name] = value
+    with pytest.raises(ValueError, match=match + r".*param group 0, as edited"):
+        train_steps(model, opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_an_lr_schedule_edits_lr_every_step_and_steps_as_usual():
+    model = small_model()
+    opt = CAGEAdamW(model, total_steps=10)
+    for step in range(3):
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * (step + 1)
+        train_steps(model, opt, 1, seed=step)
+    assert all(int(opt.state[p]["step"]) == 3 for p in model.parameters())
+
+
+def test_a_frozen_quantized_weight_is_not_in_the_groups_nor_stepped():
+    model = small_model()
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    frozen.grad = torch.ones_like(frozen)  # a stale gradient
+    before = frozen.detach().clone()
+    groups = qat_param_groups(model, 0.1)
+    assert all(p is not frozen for g in groups for p in g["params"])
+    opt = CAGEAdamW(model, total_steps=10)
+    train_steps(model, opt, 2)
+    assert torch.equal(frozen, before)

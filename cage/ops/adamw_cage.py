@@ -173,6 +173,7 @@ class GroupPlan:
     def __init__(self, group: dict, grads: list, states: list, host_steps: list[int], *, use_kernel: bool,
                  check_modes: list[str], state_version: int):
         self.group = group
+        self.quant, self.fused = group["quant"], group["fused"]  # what its kernel plans were made for
         self.group_params = tuple(group["params"])
         self.dtensors = dtensor_type() is not None and any(isinstance(p, dtensor_type()) for p in self.group_params)
         self.grad_addresses = _addresses(grads)
@@ -224,7 +225,8 @@ class GroupPlan:
         gradients only moved (the same ones present, other addresses) is pointed at them."""
         params = group["params"]
         if not (
-            group is self.group and state_version == self.state_version
+            group is self.group and state_version == self.state_version and group["quant"] == self.quant
+            and group["fused"] is self.fused
             and len(params) == len(self.group_params) and all(map(operator.is_, params, self.group_params))
             and [p.data_ptr() for p in self.local_params] == self.param_addresses
         ):
