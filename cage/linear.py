@@ -11,6 +11,7 @@ from torch import nn
 from . import backend as _backend
 from .config import QuantConfig
 from .functional import fake_quantize
+from .ops import qat_linear as _int8
 
 DEFAULT_SKIP = ("lm_head", "output", "head")
 
@@ -46,10 +47,12 @@ class QATLinear(nn.Linear):
         weight_quant: QuantConfig | None = None,
         act_quant: QuantConfig | None = None,
         backend: str = "auto",
+        matmul: str = "auto",
         device=None,
         dtype=None,
     ):
         _backend.check_backend_name(backend, "QATLinear")
+        _int8.check_matmul_name(matmul, "QATLinear")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         for name, cfg in (("weight_quant", weight_quant), ("act_quant", act_quant)):
             if cfg is not None and not isinstance(cfg, QuantConfig):
@@ -59,6 +62,10 @@ class QATLinear(nn.Linear):
         self.weight_quant = weight_quant
         self.act_quant = act_quant
         self.backend = backend
+        # How the forward multiplies (a runtime choice, not part of the saved model): "dequant"
+        # (F.linear on the fake-quantized operands), "int8" (torch._int_mm on their integer
+        # codes) or "int8-fused" (the Triton int8 GEMM); "auto" is "dequant" for now.
+        self.matmul = matmul
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **quant) -> "QATLinear":
@@ -79,6 +86,12 @@ class QATLinear(nn.Linear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = autocast_activation(x)
+        matmul = _int8.resolve_matmul(self.matmul)
+        if matmul != "dequant" and _int8.int8_product_takes(matmul, x, self.weight, self.weight_quant, self.act_quant):
+            return _int8.int8_qat_linear(x, self.weight, self.bias, self.weight_quant, self.act_quant, self.backend,
+                                         matmul)
         # With one block Hadamard on both sides, Q(x) Q(W)^T = q(x_h) q(W_h)^T: skip both
         # rotations back to the input space.
         rotate_back = not self._shares_rotation()
@@ -86,11 +99,12 @@ class QATLinear(nn.Linear):
         if self.weight_quant is not None:
             w = fake_quantize(w, self.weight_quant, backend=self.backend, rotate_back=rotate_back)
         if self.act_quant is not None:
-            x = fake_quantize(autocast_activation(x), self.act_quant, backend=self.backend, rotate_back=rotate_back)
+            x = fake_quantize(x, self.act_quant, backend=self.backend, rotate_back=rotate_back)
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight_quant={self.weight_quant}, act_quant={self.act_quant}"
+        return (f"{super().extra_repr()}, weight_quant={self.weight_quant}, act_quant={self.act_quant}"
+                + ("" if self.matmul == "auto" else f", matmul={self.matmul}"))
 
 
 def _skip_fn(skip) -> Callable[[str, nn.Module], bool]:
@@ -106,14 +120,18 @@ def prepare_qat(
     activation: QuantConfig | None = None,
     skip: Iterable[str] | Callable[[str, nn.Module], bool] | str | None = DEFAULT_SKIP,
     backend: str = "auto",
+    matmul: str = "auto",
 ) -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` for a :class:`QATLinear`, in place.
 
     Parameters stay the same tensors under the same ``state_dict`` names. ``skip`` is a
     set of module names (the last component of the qualified name; by default the output
     head) or a predicate ``(qualified_name, module) -> bool``. A linear layer whose input
-    width the rotation block does not divide is an error that names the layer.
+    width the rotation block does not divide is an error that names the layer. ``matmul``
+    chooses how the forward multiplies (see :class:`QATLinear`; a runtime option).
     """
+    _backend.check_backend_name(backend, "prepare_qat")
+    _int8.check_matmul_name(matmul, "prepare_qat")
     should_skip = _skip_fn(skip)
     targets = [
         (name, module)
@@ -125,7 +143,8 @@ def prepare_qat(
     replacements = []
     for name, linear in targets:
         try:
-            new = QATLinear.from_linear(linear, weight_quant=weight, act_quant=activation, backend=backend)
+            new = QATLinear.from_linear(linear, weight_quant=weight, act_quant=activation, backend=backend,
+                                        matmul=matmul)
         except (TypeError, ValueError) as err:
             raise type(err)(f"prepare_qat: layer {name!r}: {err}") from None
         replacements.append((name, new))

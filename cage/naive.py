@@ -56,10 +56,17 @@ def row_scale(x_h: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     return config.alpha * torch.sqrt(x_h.square().mean(dim=-1, keepdim=True) + RMS_EPS)
 
 
+def grid_level(x_h: torch.Tensor, s: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(level, step)``: the half-integer grid level ``k - 1/2`` of each element (ties to
+    even) and the step ``d = 2 s / (levels - 1)``; the quantized value is ``level * step``."""
+    step = 2 * s / (levels - 1)
+    return torch.round(torch.minimum(torch.maximum(x_h, -s), s) / step + 0.5) - 0.5, step
+
+
 def round_to_grid(x_h: torch.Tensor, s: torch.Tensor, levels: int) -> torch.Tensor:
     """Nearest of ``levels`` evenly spaced levels in ``[-s, s]`` (no zero level), ties to even."""
-    step = 2 * s / (levels - 1)
-    return (torch.round(torch.minimum(torch.maximum(x_h, -s), s) / step + 0.5) - 0.5) * step
+    level, step = grid_level(x_h, s, levels)
+    return level * step
 
 
 def quantize_rotated(x_h: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +106,22 @@ def quantize(x: torch.Tensor, config: QuantConfig, rotate_back: bool = True):
     if config.hadamard and rotate_back:
         q = block_rotate(q, config.block_size)
     return q.to(x.dtype), mask
+
+
+def quantize_codes(x: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rotated-domain quantization of ``x`` as integers (SPEC 1, "Integer codes"):
+    ``(codes, half_step, mask)`` with int8 ``codes = 2c - (L - 1)`` (odd, ``|C| <= L - 1``, up to
+    7 bits), ``half_step = d / 2`` of each row (fp32, shape ``x.shape[:-1]``) and the bool mask, so
+    that ``codes * half_step[..., None]`` is exactly ``quantize(x, config, rotate_back=False)[0]``
+    (in fp32; both are one rounding of the same product)."""
+    if config.bits > 7:
+        raise ValueError(f"quantize_codes: {config.bits}-bit codes (|C| <= {config.levels - 1}) do not fit int8")
+    x_h = x.to(compute_dtype(x.dtype)).contiguous()
+    if config.hadamard:
+        x_h = block_rotate(x_h, config.block_size)
+    _, mask = quantize_rotated(x_h, config)
+    level, step = grid_level(x_h, row_scale(x_h, config), config.levels)
+    return (2 * level).to(torch.int8), (step / 2).squeeze(-1).to(torch.float32), mask
 
 
 def masked_grad(grad: torch.Tensor, mask: torch.Tensor, config: QuantConfig, grad_is_rotated: bool = False):

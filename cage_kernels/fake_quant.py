@@ -28,6 +28,8 @@ from .quant_math import (
     MASK_NONE,
     MASK_TRUST,
     chunk_offsets,
+    grid_levels,
+    grid_step,
     pack_mask_bits,
     quantize_chunk,
     row_scale,
@@ -47,12 +49,20 @@ def _quantize_store_chunk(
     inv_sqrt_block, step_divisor, mask_center, mask_radius,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
     HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, STORE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
+    EMIT_CODES: tl.constexpr,
 ):
-    q, keep = quantize_chunk(
-        x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-        HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT,
-    )
-    store_rounded(q_ptr + offsets, q, in_bounds)
+    if EMIT_CODES:  # the signed odd codes C = 2 * level (|C| <= 127 at 7 bits), rotated domain
+        level, step, keep = grid_levels(
+            x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
+            HADAMARD, STORE_MASK, X_SPLIT,
+        )
+        tl.store(q_ptr + offsets, (2.0 * level).to(tl.int8), mask=in_bounds)
+    else:
+        q, keep = quantize_chunk(
+            x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
+            HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT,
+        )
+        store_rounded(q_ptr + offsets, q, in_bounds)
     if STORE_MASK:
         packed = pack_mask_bits(keep, in_bounds, BLOCK_ROWS, TILES * ROT_WIDTH)
         byte_cols = col_start // 8 + tl.arange(0, TILES * ROT_WIDTH // 8)
@@ -62,12 +72,12 @@ def _quantize_store_chunk(
 
 @triton.jit(do_not_specialize=["n_rows"])  # any row count: one kernel
 def _fake_quant_fwd_kernel(
-    x_ptr, q_ptr, mask_ptr, rot_ptr,
+    x_ptr, q_ptr, mask_ptr, rot_ptr, half_step_ptr,
     n_rows, n_cols, row_bytes,
     alpha, step_divisor, inv_sqrt_block, mask_center, mask_radius, rms_eps,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, HADAMARD: tl.constexpr,
-    ROTATE_BACK: tl.constexpr, STORE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
+    ROTATE_BACK: tl.constexpr, STORE_MASK: tl.constexpr, X_SPLIT: tl.constexpr, EMIT_CODES: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
     row_ok = rows < n_rows
@@ -81,22 +91,26 @@ def _fake_quant_fwd_kernel(
         offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, 0, TILES, ROT_WIDTH)
         x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
         scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
+        if EMIT_CODES:
+            tl.store(half_step_ptr + rows, grid_step(scale, step_divisor) * 0.5, mask=row_ok)
         _quantize_store_chunk(
             x, offsets, in_bounds, 0, rows, row_ok, scale, rot, q_ptr, mask_ptr, row_bytes,
             inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-            HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT,
+            HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT, EMIT_CODES,
         )
     else:
         # sweep 1: the rows' sums of squares; sweep 2 re-reads the row block from L2
         scale = row_scale(sweep_sum_squares(x_ptr, rows, row_ok, n_cols, BLOCK_ROWS, TILES, ROT_WIDTH),
                           n_cols, alpha, rms_eps)
+        if EMIT_CODES:
+            tl.store(half_step_ptr + rows, grid_step(scale, step_divisor) * 0.5, mask=row_ok)
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
             x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
             _quantize_store_chunk(
                 x, offsets, in_bounds, col_start, rows, row_ok, scale, rot, q_ptr, mask_ptr, row_bytes,
                 inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-                HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT,
+                HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT, EMIT_CODES,
             )
 
 
@@ -168,13 +182,15 @@ def check_quantizer_args(dtype, levels, alpha, hadamard, block_size, mask_mode, 
 
 
 def forward_launch(x, q, mask, rot, n_rows, n_cols, *, levels, alpha, hadamard, block_size, mask_mode,
-                   mask_radius, rotate_back, rms_eps, interpreted=None):
-    """``(Launch, args)`` of the forward kernel; the tensors may be dtypes (compile gate)."""
+                   mask_radius, rotate_back, rms_eps, interpreted=None, half_step=None):
+    """``(Launch, args)`` of the forward kernel; the tensors may be dtypes (compile gate).
+    With ``half_step`` (a tensor of one fp32 per row, or its dtype) the kernel emits the
+    signed integer codes into ``q`` (int8) and each row's ``d / 2`` into ``half_step``."""
     if interpreted is None:
         interpreted = is_interpreted(_fake_quant_fwd_kernel)
     launch = _forward_kernel_launch(n_rows, n_cols, dtype_of(x), hadamard, block_size, mask_mode != MASK_NONE,
-                                    rotate_back, interpreted, tiling.ROW_CHUNK_MAX)
-    args = (x, q, mask, rot, n_rows, n_cols, mask_bytes_per_row(n_cols),
+                                    rotate_back, interpreted, tiling.ROW_CHUNK_MAX, half_step is not None)
+    args = (x, q, mask, rot, half_step if half_step is not None else mask, n_rows, n_cols, mask_bytes_per_row(n_cols),
             alpha, float(levels - 1), 1.0 / block_size**0.5 if hadamard else 1.0,
             1.0 if mask_mode == MASK_TRUST else 0.0, mask_radius, rms_eps)
     return launch, args
@@ -182,56 +198,74 @@ def forward_launch(x, q, mask, rot, n_rows, n_cols, *, levels, alpha, hadamard, 
 
 @functools.lru_cache(maxsize=4096)
 def _forward_kernel_launch(n_rows, n_cols, dtype, hadamard, block_size, store_mask, rotate_back, interpreted,
-                           row_chunk_max):
+                           row_chunk_max, emit_codes=False):
     blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
                          uses_dot=hadamard, interpreted=interpreted)
     return Launch.of(
         _fake_quant_fwd_kernel, (cdiv(n_rows, blocking.block_rows),), blocking,
         BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
         SINGLE_CHUNK=blocking.single_chunk, HADAMARD=hadamard, ROTATE_BACK=rotate_back,
-        STORE_MASK=store_mask, X_SPLIT=split_parts(dtype),
+        STORE_MASK=store_mask, X_SPLIT=split_parts(dtype), EMIT_CODES=emit_codes,
     )
 
 
+# Codes fit int8 while |C| <= levels - 1 <= 127: up to 7 bits.
+MAX_CODE_LEVELS = 128
+
+
 class ForwardPlan:
-    """A forward call planned once for one input shape, dtype, device and quantizer:
-    ``plan(x) -> (q, mask)``, with nothing validated or planned again (``plan_forward``)."""
+    """A forward call planned once for one input shape, dtype, device and quantizer,
+    with nothing validated or planned again (``plan_forward``): ``plan(x) -> (q, mask)``,
+    or with ``emit_codes`` ``plan(x) -> (codes, half_step, mask)``: int8 codes ``C`` of x's
+    shape (rotated domain, ``q(x_h) = C * d / 2``) and fp32 ``d / 2`` per row."""
 
-    __slots__ = ("launch", "mask_shape", "rot", "tail", "stores_mask")
+    __slots__ = ("launch", "mask_shape", "rot", "tail", "stores_mask", "n_rows", "emit_codes")
 
-    def __init__(self, launch, mask_shape, rot, tail, stores_mask):
+    def __init__(self, launch, mask_shape, rot, tail, stores_mask, n_rows, emit_codes):
         self.launch, self.mask_shape, self.rot, self.tail, self.stores_mask = launch, mask_shape, rot, tail, stores_mask
+        self.n_rows, self.emit_codes = n_rows, emit_codes
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor):
         x = x.contiguous()
-        q = torch.empty_like(x)
         mask = x.new_empty(self.mask_shape, dtype=torch.uint8)
+        if self.emit_codes:
+            q = torch.empty_like(x, dtype=torch.int8)
+            half_step = x.new_empty((self.n_rows,), dtype=torch.float32)
+        else:
+            q, half_step = torch.empty_like(x), mask
         if self.launch is not None:
-            self.launch(x, q, mask if self.stores_mask else q, x if self.rot is None else self.rot, *self.tail)
-        return q, mask
+            self.launch(x, q, mask if self.stores_mask else q, x if self.rot is None else self.rot, half_step,
+                        *self.tail)
+        return (q, half_step, mask) if self.emit_codes else (q, mask)
 
 
 def plan_forward(shape, dtype: torch.dtype, device: torch.device, *, levels: int, alpha: float, hadamard: bool,
                  block_size: int, mask_mode: int, mask_radius: float, rotate_back: bool = True,
-                 rms_eps: float = 1e-20) -> ForwardPlan:
+                 rms_eps: float = 1e-20, emit_codes: bool = False) -> ForwardPlan:
     """The :class:`ForwardPlan` of inputs of ``shape``/``dtype`` on ``device`` (arguments as
     :func:`fake_quant_forward`'s); raises ValueError for what the kernel does not take."""
     n_cols = shape[-1] if len(shape) else 1
     check_quantizer_args(dtype, levels, alpha, hadamard, block_size, mask_mode, n_cols)
+    if emit_codes and (rotate_back and hadamard or levels > MAX_CODE_LEVELS):
+        raise ValueError(
+            f"cage_kernels: integer codes live in the rotated domain and fit int8 up to {MAX_CODE_LEVELS} levels "
+            f"(7 bits); got rotate_back={rotate_back} with hadamard={hadamard}, levels={levels}"
+        )
     numel = math.prod(shape)
     n_rows = numel // n_cols if n_cols else 0
     stores_mask = mask_mode != MASK_NONE
     mask_shape = (n_rows, mask_bytes_per_row(n_cols)) if stores_mask else (0,)
     if numel == 0:
-        return ForwardPlan(None, mask_shape, None, (), stores_mask)
+        return ForwardPlan(None, mask_shape, None, (), stores_mask, n_rows, emit_codes)
     interpreted = is_interpreted(_fake_quant_fwd_kernel)
     rot, _ = load_rotation_args(hadamard, block_size, device, dummy=None, interpreted=interpreted)
     launch, args = forward_launch(
-        dtype, dtype, torch.uint8, rot, n_rows, n_cols, levels=levels, alpha=alpha, hadamard=hadamard,
-        block_size=block_size, mask_mode=mask_mode, mask_radius=mask_radius, rotate_back=rotate_back,
-        rms_eps=rms_eps, interpreted=interpreted,
+        dtype, torch.int8 if emit_codes else dtype, torch.uint8, rot, n_rows, n_cols, levels=levels, alpha=alpha,
+        hadamard=hadamard, block_size=block_size, mask_mode=mask_mode, mask_radius=mask_radius,
+        rotate_back=rotate_back, rms_eps=rms_eps, interpreted=interpreted,
+        half_step=torch.float32 if emit_codes else None,
     )
-    return ForwardPlan(launch, mask_shape, rot, args[4:], stores_mask)
+    return ForwardPlan(launch, mask_shape, rot, args[5:], stores_mask, n_rows, emit_codes)
 
 
 _FORWARD_PLANS = PlanCache()
@@ -255,5 +289,26 @@ def fake_quant_forward(
         plan = _FORWARD_PLANS.put(key, plan_forward(
             x.shape, x.dtype, x.device, levels=levels, alpha=alpha, hadamard=hadamard, block_size=block_size,
             mask_mode=mask_mode, mask_radius=mask_radius, rotate_back=rotate_back, rms_eps=rms_eps,
+        ))
+    return plan(x)
+
+
+_CODE_PLANS = PlanCache()
+
+
+def fake_quant_codes(
+    x: torch.Tensor, *, levels: int, alpha: float, hadamard: bool, block_size: int, mask_mode: int,
+    mask_radius: float, rms_eps: float = 1e-20,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The quantizer of :func:`fake_quant_forward` with the rotated-domain output given as
+    integers: ``(codes, half_step, mask)``, int8 ``C = 2c - (levels - 1)`` of x's shape, fp32
+    ``d / 2`` per row (``q(x_h) = C * d / 2`` exactly), the bit-packed mask. Up to 7 bits."""
+    key = (x.shape, x.dtype, x.device, levels, alpha, hadamard, block_size, mask_mode, mask_radius, rms_eps,
+           tiling.ROW_CHUNK_MAX)
+    plan = _CODE_PLANS.get(key)
+    if plan is None:
+        plan = _CODE_PLANS.put(key, plan_forward(
+            x.shape, x.dtype, x.device, levels=levels, alpha=alpha, hadamard=hadamard, block_size=block_size,
+            mask_mode=mask_mode, mask_radius=mask_radius, rotate_back=False, rms_eps=rms_eps, emit_codes=True,
         ))
     return plan(x)

@@ -83,29 +83,29 @@ def row_scale(sum_squares, n_cols, alpha, rms_eps):
 
 
 @triton.jit
-def quantize_chunk(
+def grid_levels(
     x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
-    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, COMPUTE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
+    HADAMARD: tl.constexpr, COMPUTE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
 ):
-    """QuEST fake quantization of a chunk of whole rotation blocks (SPEC 1 steps 1, 3, 4).
+    """The grid levels of a chunk of whole rotation blocks (SPEC 1 steps 1 and 3), in the
+    rotated domain: ``(level, step, keep)`` with ``level = k - 1/2`` a half-integer in
+    ``[-(levels-1)/2, (levels-1)/2]`` (so ``2 * level`` is the signed integer code ``C``),
+    ``step`` ``[BLOCK_ROWS, 1, 1]`` the row's step ``d`` and ``q_h = level * step``.
 
     x: fp32 ``[BLOCK_ROWS, TILES, ROT_WIDTH]``; scale: fp32 ``[BLOCK_ROWS]``, the row's s;
     ``step_divisor`` is ``levels - 1`` (a run-time value: one compiled kernel serves every
     bit width); ``X_SPLIT`` the bf16 parts x is exact in (``hadamard.rotate_tiles``);
-    ``mask_center`` 0 (clip mask) or 1 (trust mask), ``mask_radius`` in units of s.
-    Returns ``(q, keep)``: q fp32, ``Q(x)`` in the input space (or the rotated ``q(x_h)``
-    when not ROTATE_BACK); keep the straight-through mask in the rotated domain
-    (meaningless for MASK_NONE).
+    ``mask_center`` 0 (clip mask) or 1 (trust mask), ``mask_radius`` in units of s; keep is
+    the straight-through mask in the rotated domain (meaningless for MASK_NONE).
     """
     if HADAMARD:
         x_h = rotate_tiles(x, rot, BLOCK_ROWS, TILES, ROT_WIDTH, X_SPLIT, 3) * inv_sqrt_block
     else:
         x_h = x
     s = scale[:, None, None]
-    step = tl.div_rn(2.0 * s, tl.zeros_like(s) + step_divisor)
+    step = grid_step(s, step_divisor)
     clipped = tl.minimum(tl.maximum(x_h, -s), s)
-    # grid level k - 0.5, a half-integer in [-(levels-1)/2, (levels-1)/2]
     level = round_half_even(tl.div_rn(clipped, step) + 0.5) - 0.5
     if COMPUTE_MASK:
         # clip (center 0): |x_h| <= radius * s; trust (center 1): |q_h - x_h| <= radius * s.
@@ -113,6 +113,28 @@ def quantize_chunk(
         keep = tl.abs(mask_center * (level * step) - x_h) <= mask_radius * s
     else:
         keep = x_h == x_h
+    return level, step, keep
+
+
+@triton.jit
+def grid_step(scale, step_divisor):
+    """``d = 2 s / (levels - 1)``, IEEE-rounded (what the codes' ``d / 2`` is half of)."""
+    return tl.div_rn(2.0 * scale, tl.zeros_like(scale) + step_divisor)
+
+
+@triton.jit
+def quantize_chunk(
+    x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius,
+    BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
+    HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, COMPUTE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
+):
+    """QuEST fake quantization of a chunk of whole rotation blocks (SPEC 1 steps 1, 3, 4):
+    :func:`grid_levels`, then ``(q, keep)``: q fp32, ``Q(x)`` in the input space (or the
+    rotated ``q(x_h)`` when not ROTATE_BACK)."""
+    level, step, keep = grid_levels(
+        x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
+        HADAMARD, COMPUTE_MASK, X_SPLIT,
+    )
     if HADAMARD and ROTATE_BACK:
         # rotate the levels, not q_h: half-integers, exact in bf16 (and their sums of 16 in two parts)
         q = rotate_tiles(level, rot, BLOCK_ROWS, TILES, ROT_WIDTH, 1, 2) * (step * inv_sqrt_block)

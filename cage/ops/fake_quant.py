@@ -3,6 +3,7 @@
 Both backends keep one contract (``TORCH`` and ``TRITON``, chosen by :func:`get_ops`):
 
 - ``quantize(x, config, rotate_back) -> (q, mask_state)``
+- ``quantize_codes(x, config) -> (codes, half_step, mask_state)`` (int8 rotated-domain codes)
 - ``masked_grad(grad, mask_state, config, grad_is_rotated) -> grad_x``
 - ``mask_to_bool(mask_state, shape) -> bool tensor``
 
@@ -95,6 +96,23 @@ def _kernel_forward(x: torch.Tensor, config: QuantConfig, rotate_back: bool):
     return plan(x)
 
 
+_CODE_PLANS: dict = {}
+
+
+def _kernel_codes(x: torch.Tensor, config: QuantConfig):
+    kernels = _backend.kernels()
+    key = (x.shape, x.dtype, x.device, config, kernels.tiling.ROW_CHUNK_MAX)
+    plan = _CODE_PLANS.get(key)
+    if plan is None:
+        mode, radius = mask_mode_and_radius(config)
+        plan = _remember(_CODE_PLANS, key, kernels.plan_forward(
+            x.shape, x.dtype, x.device, levels=config.levels, alpha=config.alpha, hadamard=config.hadamard,
+            block_size=config.block_size, mask_mode=mode, mask_radius=radius, rotate_back=False, rms_eps=RMS_EPS,
+            emit_codes=True,
+        ))
+    return plan(x)
+
+
 def _kernel_backward(grad: torch.Tensor, mask_state: torch.Tensor, config: QuantConfig, grad_is_rotated: bool):
     kernels = _backend.kernels()
     key = (grad.shape, grad.dtype, grad.device, config, grad_is_rotated, kernels.tiling.ROW_CHUNK_MAX)
@@ -144,6 +162,34 @@ def _(grad, mask_state, hadamard, block_size, grad_mask, grad_is_rotated):
     return grad.new_empty(grad.shape)
 
 
+@torch.library.custom_op("cage::fake_quant_codes", mutates_args=())
+def fake_quant_codes_op(
+    x: torch.Tensor, bits: int, hadamard: bool, block_size: int, grad_mask: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    config = QuantConfig(bits=bits, hadamard=hadamard, block_size=block_size, grad_mask=grad_mask)
+    return _kernel_codes(x, config)
+
+
+@fake_quant_codes_op.register_fake
+def _(x, bits, hadamard, block_size, grad_mask):
+    n_cols = x.shape[-1]
+    n_rows = math.prod(x.shape[:-1])
+    mask_shape = (0,) if grad_mask == "none" else (n_rows, (n_cols + 7) // 8)
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((n_rows,), dtype=torch.float32),
+            x.new_empty(mask_shape, dtype=torch.uint8))
+
+
+def _triton_quantize_codes(x: torch.Tensor, config: QuantConfig):
+    if torch.compiler.is_compiling():
+        return fake_quant_codes_op(x, config.bits, config.hadamard, config.block_size, config.grad_mask)
+    return _kernel_codes(x, config)
+
+
+def _torch_quantize_codes(x: torch.Tensor, config: QuantConfig):
+    codes, half_step, mask = naive.quantize_codes(x, config)
+    return codes, half_step.reshape(-1), mask
+
+
 def _triton_quantize(x: torch.Tensor, config: QuantConfig, rotate_back: bool = True):
     if torch.compiler.is_compiling():
         return fake_quant_fwd_op(x, config.bits, config.hadamard, config.block_size, config.grad_mask, rotate_back)
@@ -158,13 +204,17 @@ def _triton_masked_grad(grad: torch.Tensor, mask_state: torch.Tensor, config: Qu
     return _kernel_backward(grad, mask_state, config, grad_is_rotated)
 
 
+# quantize_codes(x, config) -> (int8 codes, fp32 d/2 per row (flat), mask_state): the
+# rotated-domain quantization as integers (2-D x of rows, up to 7 bits; see naive.quantize_codes)
 TORCH = types.SimpleNamespace(
     quantize=naive.quantize,
+    quantize_codes=_torch_quantize_codes,
     masked_grad=naive.masked_grad,
     mask_to_bool=lambda mask_state, shape: mask_state,
 )
 TRITON = types.SimpleNamespace(
     quantize=_triton_quantize,
+    quantize_codes=_triton_quantize_codes,
     masked_grad=_triton_masked_grad,
     mask_to_bool=lambda mask_state, shape: _backend.kernels().mask_to_bool(mask_state, shape),
 )
