@@ -29,6 +29,7 @@ from .functional import fake_quantize
 from .linear import QATLinear, autocast_activation
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .ops import packed_linear
+from .ops import qat_linear as _int8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -103,9 +104,11 @@ class QuantizedLinear(nn.Module):
         act_quant: QuantConfig | None = None,
         weight_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        matmul: str = "auto",
         device=None,
     ):
         super().__init__()
+        _int8.check_matmul_name(matmul, "QuantizedLinear")
         for name, cfg in (("weight_quant", weight_quant), ("act_quant", act_quant)):
             if cfg is None and name == "act_quant":
                 continue
@@ -117,6 +120,9 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_quant, self.act_quant = weight_quant, act_quant
         self.weight_dtype, self.backend = weight_dtype, backend
+        # runtime choice of the product, as QATLinear's (not part of the saved model)
+        self.matmul = matmul
+        self._signed_codes = None  # (key, int8 codes, fp32 d/2): derived from the buffers, rebuilt when they change
         row_bytes = packed_row_bytes(in_features, weight_quant.bits)
         self.register_buffer("packed_weight", torch.zeros(out_features, row_bytes, dtype=torch.uint8, device=device))
         scale_dtype = naive.compute_dtype(weight_dtype)
@@ -133,7 +139,8 @@ class QuantizedLinear(nn.Module):
             raise ValueError("QuantizedLinear.from_qat: the weight has non-finite values (inf or nan)")
         new = cls(
             layer.in_features, layer.out_features, layer.bias is not None, weight_quant=layer.weight_quant,
-            act_quant=layer.act_quant, weight_dtype=w.dtype, backend=layer.backend, device=w.device,
+            act_quant=layer.act_quant, weight_dtype=w.dtype, backend=layer.backend, matmul=layer.matmul,
+            device=w.device,
         )
         codes, scale = quantize_to_codes(w, layer.weight_quant)
         with torch.no_grad():
@@ -161,7 +168,39 @@ class QuantizedLinear(nn.Module):
         """``Q(w)`` in the input space, or the rotated-domain ``q(w_h)`` with ``rotate_back=False``."""
         return dequantize_codes(self.codes(), self.weight_scale, self.weight_quant, rotate_back, self.weight_dtype)
 
+    def signed_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C, d/2)``: int8 signed codes ``2c - (L - 1)`` [out, in] of the rotated rows and fp32
+        ``d / 2`` [out], so that ``C * d/2`` is the rotated-domain weight (the QAT layer's integer
+        product's weight operand, bit for bit). Cached until a buffer changes."""
+        key = (self.packed_weight.data_ptr(), self.packed_weight._version, self.weight_scale.data_ptr(),
+               self.weight_scale._version, self.weight_scale.dtype)
+        if self._signed_codes is None or self._signed_codes[0] != key:
+            c = self.codes().to(torch.int16)
+            signed = (2 * c - (self.weight_quant.levels - 1)).to(torch.int8)
+            half = (_grid_step(self.weight_scale, self.weight_quant) / 2).reshape(-1).to(torch.float32)
+            self._signed_codes = (key, signed, half)
+        return self._signed_codes[1], self._signed_codes[2]
+
+    def _int8_takes(self, x: torch.Tensor) -> bool:
+        """The integer product (``matmul="int8"`` / ``"int8-fused"``) runs for this call: the
+        activations have codes in the weight's basis (7 bits at most), no gradient is asked
+        for, and the shape is the product's (decode sizes, M <= 16, are not torch._int_mm's on
+        CUDA: they take the next path)."""
+        matmul = _int8.resolve_matmul(self.matmul)
+        if matmul == "dequant" or self.act_quant is None:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return False
+        return _int8.int8_product_takes(matmul, x, self.out_features, self.weight_dtype, self.weight_quant,
+                                        self.act_quant)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Precedence: the integer product (matmul="int8" / "int8-fused", when it takes the call),
+        # then the fused packed-code matmul (backend="triton"), then dequantize + F.linear.
+        if self._int8_takes(x):
+            codes_w, half_w = self.signed_codes()
+            return _int8.int8_linear_inference(autocast_activation(x), codes_w, half_w, self.bias, self.act_quant,
+                                               self.backend, _int8.resolve_matmul(self.matmul))
         rotate_back = self.rotates_weight_back()
         if self.act_quant is not None:
             x = fake_quantize(autocast_activation(x), self.act_quant, backend=self.backend, rotate_back=rotate_back)

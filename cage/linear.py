@@ -89,7 +89,8 @@ class QATLinear(nn.Linear):
         if self.act_quant is not None:
             x = autocast_activation(x)
         matmul = _int8.resolve_matmul(self.matmul)
-        if matmul != "dequant" and _int8.int8_product_takes(matmul, x, self.weight, self.weight_quant, self.act_quant):
+        if matmul != "dequant" and _int8.int8_product_takes(matmul, x, self.out_features, self.weight.dtype,
+                                                            self.weight_quant, self.act_quant):
             return _int8.int8_qat_linear(x, self.weight, self.bias, self.weight_quant, self.act_quant, self.backend,
                                          matmul)
         # With one block Hadamard on both sides, Q(x) Q(W)^T = q(x_h) q(W_h)^T: skip both

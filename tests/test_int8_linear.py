@@ -212,3 +212,52 @@ def test_under_autocast_the_output_and_gradients_are_todays():
     y_ref.backward(g)
     assert x.grad.dtype == torch.float32
     assert torch.equal(x.grad, x_ref.grad) and torch.equal(ours.weight.grad, ref.weight.grad)
+
+
+# ---- the converted layer ----------------------------------------------------------------
+
+
+def test_a_converted_layer_multiplies_on_int8_as_the_qat_layer_did():
+    from cage import convert
+
+    ours, _ = pair(4, seed=7)
+    model = torch.nn.Sequential(ours)
+    x = torch.randn(2, 13, 96)
+    with torch.no_grad():
+        y_qat = model(x)
+        convert(model)
+        layer = model[0]
+        assert layer.matmul == "int8"  # the runtime choice carries over
+        y = layer(x)
+    assert torch.equal(y, y_qat)  # the same codes, scales and product: the same bits
+    codes, half = layer.signed_codes()
+    assert codes.dtype == torch.int8 and bool((codes % 2 != 0).all()) and half.shape == (24,)
+
+
+def test_a_converted_layer_falls_back_where_the_product_does_not_take(monkeypatch):
+    from cage import convert
+
+    model = torch.nn.Sequential(pair(4, seed=8)[0])
+    convert(model)
+    layer = model[0]
+    calls = []
+    real = qat_linear.int8_linear_inference
+    monkeypatch.setattr(qat_linear, "int8_linear_inference", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        layer(torch.randn(20, 96))
+    assert calls == [1]
+    layer(torch.randn(20, 96, requires_grad=True))  # a gradient asked for: the dequantized path
+    monkeypatch.setattr(qat_linear, "int_mm_takes", lambda m, k, n, device_type: m > 16)  # CUDA's decode sizes
+    with torch.no_grad():
+        layer(torch.randn(16, 96))
+    assert calls == [1]
+    layer.matmul = "dequant"
+    with torch.no_grad():
+        dequant = layer(torch.randn(20, 96))
+    assert calls == [1] and dequant.shape == (20, 24)
+
+
+def test_the_codes_op_has_a_fake_for_torch_compile():
+    x = torch.randn(6, 64)
+    torch.library.opcheck(fake_quant.fake_quant_codes_op, (x, 4, True, 32, "trust"))
+    torch.library.opcheck(fake_quant.fake_quant_codes_op, (x.to(torch.bfloat16), 3, False, 32, "none"))

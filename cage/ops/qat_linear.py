@@ -25,6 +25,8 @@ take fall back to the dequantized path, per call (:func:`int8_product_takes`).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import backend as _backend
@@ -68,25 +70,26 @@ def codes_take(weight: QuantConfig | None, act: QuantConfig | None, k: int) -> b
     return same_basis and k * (weight.levels - 1) * (act.levels - 1) <= INT32_MAX
 
 
-def int8_product_takes(matmul: str, x: torch.Tensor, weight: torch.Tensor, weight_quant, act_quant) -> bool:
+def int8_product_takes(matmul: str, x: torch.Tensor, out_features: int, weight_dtype: torch.dtype, weight_quant,
+                       act_quant) -> bool:
     """The per-call rule: the integer product runs for this input, else the dequantized path
     (which then also reports what the product would not take, a dtype mismatch say)."""
-    if matmul not in ("int8", "int8-fused") or x.dim() < 1 or torch.float64 in (x.dtype, weight.dtype):
+    if matmul not in ("int8", "int8-fused") or x.dim() < 1 or torch.float64 in (x.dtype, weight_dtype):
         return False
     device_type = x.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if not autocast and x.dtype != weight.dtype:
+    if not autocast and x.dtype != weight_dtype:
         return False
     k = x.shape[-1]
     m = x.numel() // k if k else 0
     if not codes_take(weight_quant, act_quant, k):
         return False
     if matmul == "int8":
-        return int_mm_takes(m, k, weight.shape[0], device_type)
+        return int_mm_takes(m, k, out_features, device_type)
     return m > 0
 
 
-def _product(codes_x, half_x, codes_w, half_w, bias, matmul: str, out_dtype: torch.dtype) -> torch.Tensor:
+def product(codes_x, half_x, codes_w, half_w, bias, matmul: str, out_dtype: torch.dtype) -> torch.Tensor:
     if matmul == "int8-fused":
         return _backend.kernels().int8_matmul(codes_x, codes_w, half_x, half_w, bias, out_dtype=out_dtype)
     acc = torch._int_mm(codes_x, codes_w.t())
@@ -110,7 +113,7 @@ class Int8QATLinear(torch.autograd.Function):
         rows = x.reshape(-1, n_cols)
         codes_x, half_x, mask_x = ops.quantize_codes(rows, act_quant)
         codes_w, half_w, mask_w = ops.quantize_codes(weight, weight_quant)
-        y = _product(codes_x, half_x, codes_w, half_w, bias, matmul, out_dtype)
+        y = product(codes_x, half_x, codes_w, half_w, bias, matmul, out_dtype)
         ctx.save_for_backward(codes_x, half_x, mask_x, codes_w, half_w, mask_w)
         ctx.quant = (weight_quant, act_quant, ops)
         ctx.shapes = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -132,6 +135,29 @@ class Int8QATLinear(torch.autograd.Function):
         if bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a linear layer's output for input ``x``: autocast's, else ``x``'s."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def int8_linear_inference(x, codes_w, half_w, bias, act_quant: QuantConfig, backend: str, matmul: str):
+    """``y = q(x_h) (C_w d_w/2)^T + b`` for fixed weight codes (a converted layer), no autograd."""
+    ops = _fq.get_ops(backend, x.device, "QuantizedLinear")
+    if matmul == "int8-fused":
+        _backend.resolve("triton", x.device, "QuantizedLinear(matmul='int8-fused')")
+    out_dtype = autocast_dtype(x)
+    device_type = x.device.type
+    quiet = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else (
+        contextlib.nullcontext())
+    with quiet:  # the quantizer's math is fp32 by contract, and the product is exact
+        codes_x, half_x, _ = ops.quantize_codes(x.reshape(-1, x.shape[-1]), act_quant)
+        y = product(codes_x, half_x, codes_w, half_w, bias, matmul, out_dtype)
+    return y.reshape(*x.shape[:-1], codes_w.shape[0])
 
 
 def int8_qat_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_quant: QuantConfig,
