@@ -45,13 +45,19 @@ def dtype_from_name(name: str, owner: str) -> torch.dtype:
 
 
 def _code_offset(config: QuantConfig) -> int:
-    """Grid index k runs over ``-(2**(b-1)) + 1 .. 2**(b-1)`` (SPEC 1); code = k + offset is 0 .. 2**b - 1."""
-    return config.levels // 2 - 1
+    """Codes are ``c = k + offset`` in ``0 .. 2**b - 1``, where the level is ``(k - level_offset) d``:
+    centered grid ``k = -(2**(b-1)) + 1 .. 2**(b-1)`` (SPEC 1), integer grid ``k = -(2**(b-1)) .. 2**(b-1) - 1``."""
+    return config.levels // 2 - (0 if config.grid == "integer" else 1)
+
+
+def _code_multiple(config: QuantConfig) -> int:
+    """Signed integer codes are ``C = multiple * (k - level_offset)``: odd on the centered grid."""
+    return 1 if config.grid == "integer" else 2
 
 
 def _grid_step(s: torch.Tensor, config: QuantConfig) -> torch.Tensor:
-    # the same expression as naive.round_to_grid's step, so that the rebuilt levels match its bits
-    return 2 * s / (config.levels - 1)
+    # the same expression as naive.grid_level's step, so that the rebuilt levels match its bits
+    return 2 * s / config.step_divisor
 
 
 def quantize_to_codes(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,10 +67,8 @@ def quantize_to_codes(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tenso
     if config.hadamard:
         x_h = naive.block_rotate(x_h, config.block_size)
     s = naive.row_scale(x_h, config)
-    q_h = naive.round_to_grid(x_h, s, config.levels)
-    # q_h / step is k - 0.5 up to a relative error near 1e-7: rounding recovers k exactly
-    k = torch.round(q_h / _grid_step(s, config) + 0.5)
-    return (k + _code_offset(config)).to(torch.uint8), s
+    level, _ = naive.grid_level(x_h, s, config)
+    return (level + config.level_offset + _code_offset(config)).to(torch.uint8), s
 
 
 def dequantize_codes(
@@ -74,7 +78,7 @@ def dequantize_codes(
     rotated-domain ``q(w_h)``, in ``dtype``; bit for bit what ``naive.quantize`` returns."""
     with torch.autocast(scale.device.type, enabled=False):  # the quantizer's math is fp32 by contract
         k = codes.to(scale.dtype) - _code_offset(config)
-        q = (k - 0.5) * _grid_step(scale, config)
+        q = (k - config.level_offset) * _grid_step(scale, config)
         if config.hadamard and rotate_back:
             q = naive.block_rotate(q, config.block_size)
     return q.to(dtype)
@@ -169,16 +173,19 @@ class QuantizedLinear(nn.Module):
         return dequantize_codes(self.codes(), self.weight_scale, self.weight_quant, rotate_back, self.weight_dtype)
 
     def signed_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(C, d/2)``: int8 signed codes ``2c - (L - 1)`` [out, in] of the rotated rows and fp32
-        ``d / 2`` [out], so that ``C * d/2`` is the rotated-domain weight (the QAT layer's integer
-        product's weight operand, bit for bit). Cached until a buffer changes."""
+        """``(C, code_scale)``: int8 signed codes [out, in] of the rotated rows (centered grid
+        ``2c - (L - 1)``, integer grid ``k``) and fp32 ``code_scale`` [out] (``d / 2`` or ``d``), so that
+        ``C * code_scale`` is the rotated-domain weight (the QAT layer's integer product's weight
+        operand, bit for bit). Cached until a buffer changes."""
         key = (self.packed_weight.data_ptr(), self.packed_weight._version, self.weight_scale.data_ptr(),
                self.weight_scale._version, self.weight_scale.dtype)
         if self._signed_codes is None or self._signed_codes[0] != key:
-            c = self.codes().to(torch.int16)
-            signed = (2 * c - (self.weight_quant.levels - 1)).to(torch.int8)
-            half = (_grid_step(self.weight_scale, self.weight_quant) / 2).reshape(-1).to(torch.float32)
-            self._signed_codes = (key, signed, half)
+            config = self.weight_quant
+            multiple = _code_multiple(config)
+            k = self.codes().to(torch.int16) - _code_offset(config)
+            signed = (multiple * k - int(multiple * config.level_offset)).to(torch.int8)
+            scale = (_grid_step(self.weight_scale, config) / multiple).reshape(-1).to(torch.float32)
+            self._signed_codes = (key, signed, scale)
         return self._signed_codes[1], self._signed_codes[2]
 
     def _int8_takes(self, x: torch.Tensor) -> bool:

@@ -56,16 +56,22 @@ def row_scale(x_h: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     return config.alpha * torch.sqrt(x_h.square().mean(dim=-1, keepdim=True) + RMS_EPS)
 
 
-def grid_level(x_h: torch.Tensor, s: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(level, step)``: the half-integer grid level ``k - 1/2`` of each element (ties to
-    even) and the step ``d = 2 s / (levels - 1)``; the quantized value is ``level * step``."""
-    step = 2 * s / (levels - 1)
+def grid_level(x_h: torch.Tensor, s: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(level, step)``: the grid level of each element (ties to even) and the step ``d``;
+    the quantized value is ``level * step``.
+
+    Centered grid: ``d = 2 s / (L - 1)``, ``level = k - 1/2`` for ``x_h`` clipped to ``[-s, s]``.
+    Integer grid: ``d = 2 s / L``, ``level = k`` in ``-L/2 .. L/2 - 1`` (rounded, then clamped)."""
+    step = 2 * s / config.step_divisor
+    if config.grid == "integer":
+        half = config.levels // 2
+        return torch.clamp(torch.round(x_h / step), -half, half - 1), step
     return torch.round(torch.minimum(torch.maximum(x_h, -s), s) / step + 0.5) - 0.5, step
 
 
-def round_to_grid(x_h: torch.Tensor, s: torch.Tensor, levels: int) -> torch.Tensor:
-    """Nearest of ``levels`` evenly spaced levels in ``[-s, s]`` (no zero level), ties to even."""
-    level, step = grid_level(x_h, s, levels)
+def round_to_grid(x_h: torch.Tensor, s: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """The nearest level of ``config``'s grid (SPEC 1), ties to even."""
+    level, step = grid_level(x_h, s, config)
     return level * step
 
 
@@ -75,7 +81,7 @@ def quantize_rotated(x_h: torch.Tensor, config: QuantConfig) -> tuple[torch.Tens
     The mask is the straight-through mask of ``config.grad_mask``, in the rotated domain.
     """
     s = row_scale(x_h, config)
-    q_h = round_to_grid(x_h, s, config.levels)
+    q_h = round_to_grid(x_h, s, config)
     if config.grad_mask == "none":
         mask = torch.ones_like(x_h, dtype=torch.bool)
     elif config.grad_mask == "clip":
@@ -110,18 +116,21 @@ def quantize(x: torch.Tensor, config: QuantConfig, rotate_back: bool = True):
 
 def quantize_codes(x: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rotated-domain quantization of ``x`` as integers (SPEC 1, "Integer codes"):
-    ``(codes, half_step, mask)`` with int8 ``codes = 2c - (L - 1)`` (odd, ``|C| <= L - 1``, up to
-    7 bits), ``half_step = d / 2`` of each row (fp32, shape ``x.shape[:-1]``) and the bool mask, so
-    that ``codes * half_step[..., None]`` is exactly ``quantize(x, config, rotate_back=False)[0]``
-    (in fp32; both are one rounding of the same product)."""
-    if config.bits > 7:
-        raise ValueError(f"quantize_codes: {config.bits}-bit codes (|C| <= {config.levels - 1}) do not fit int8")
+    ``(codes, code_scale, mask)`` with int8 codes (centered grid: odd ``C = 2c - (L - 1)`` and
+    ``code_scale = d / 2``; integer grid: ``C = k`` and ``code_scale = d``), ``code_scale`` fp32
+    of shape ``x.shape[:-1]``, and the bool mask; ``codes * code_scale[..., None]`` is exactly
+    ``quantize(x, config, rotate_back=False)[0]`` in fp32 (one rounding of the same product).
+    The codes fit int8 up to 7 bits (centered) or 8 (integer)."""
+    if not config.codes_fit_int8:
+        raise ValueError(f"quantize_codes: {config.bits}-bit codes of the {config.grid} grid "
+                         f"(|C| <= {config.max_code}) do not fit int8")
     x_h = x.to(compute_dtype(x.dtype)).contiguous()
     if config.hadamard:
         x_h = block_rotate(x_h, config.block_size)
     _, mask = quantize_rotated(x_h, config)
-    level, step = grid_level(x_h, row_scale(x_h, config), config.levels)
-    return (2 * level).to(torch.int8), (step / 2).squeeze(-1).to(torch.float32), mask
+    level, step = grid_level(x_h, row_scale(x_h, config), config)
+    multiple = 1 if config.grid == "integer" else 2  # centered levels are half-integers
+    return (multiple * level).to(torch.int8), (step / multiple).squeeze(-1).to(torch.float32), mask
 
 
 def masked_grad(grad: torch.Tensor, mask: torch.Tensor, config: QuantConfig, grad_is_rotated: bool = False):

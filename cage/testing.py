@@ -34,15 +34,19 @@ def grid_geometry(x: torch.Tensor, config: QuantConfig):
     element to its nearest rounding boundary in steps."""
     x_h = _rotate64(x, config)
     s = config.alpha * torch.sqrt(x_h.square().mean(dim=-1, keepdim=True) + RMS_EPS)
-    step = 2 * s / (config.levels - 1)
-    u = torch.minimum(torch.maximum(x_h, -s), s) / step
+    step = 2 * s / config.step_divisor
+    if config.grid == "integer":  # boundaries at half-integers of x_h / step, inside the code range
+        half = config.levels // 2
+        u = torch.clamp(x_h / step, -half, half - 1) + 0.5
+    else:  # boundaries at integers of x_h / step, inside [-s, s]
+        u = torch.minimum(torch.maximum(x_h, -s), s) / step
     return x_h, s, step, (u - torch.round(u)).abs()
 
 
 def grid_index(q: torch.Tensor, config: QuantConfig, step: torch.Tensor, rotated: bool) -> torch.Tensor:
-    """The grid index ``k`` of each element of a quantized output (``q_h = (k - 1/2) step``)."""
+    """The grid index ``k`` of each element of a quantized output (``q_h = (k - offset) step``)."""
     q_h = q.to(torch.float64) if rotated else _rotate64(q, config)
-    return torch.round(q_h / step + 0.5)
+    return torch.round(q_h / step + config.level_offset)
 
 
 def check_fake_quant(
@@ -71,7 +75,7 @@ def check_fake_quant(
 
     # 2. values: q is the exact function of its indices, to the output dtype's rounding
     eps = torch.finfo(x.dtype).eps
-    q_h_expected = (k - 0.5) * step
+    q_h_expected = (k - config.level_offset) * step
     expected = q_h_expected if rotated else _rotate64(q_h_expected, config)
     tolerance = eps * expected.abs() + 8 * torch.finfo(torch.float32).eps * s
     err = (q.to(torch.float64) - expected).abs()

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import tiling
-from .fake_quant import check_quantizer_args
+from .fake_quant import check_quantizer_args, step_divisor
 from .hadamard import load_rotation, load_rotation_args
 from .launch import Launch
 from .quant_math import (
@@ -120,7 +120,7 @@ def _step_chunk(
     cage_lambda, cage_step, alpha, step_divisor, inv_sqrt_block, rms_eps, grad_scale,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr, LERP_SMALL_WEIGHT: tl.constexpr,
     CAGE: tl.constexpr, COUPLED: tl.constexpr, SCALE_FROM_CHUNK: tl.constexpr, HADAMARD: tl.constexpr,
-    X_SPLIT: tl.constexpr, UNSCALE_GRAD: tl.constexpr,
+    X_SPLIT: tl.constexpr, UNSCALE_GRAD: tl.constexpr, INTEGER_GRID: tl.constexpr,
 ):
     """AdamW (+ CAGE) on a chunk read whole, stored back: ``scale`` is the row scale unless
     SCALE_FROM_CHUNK (the chunk is the whole row block; the scale is computed here). The
@@ -132,7 +132,7 @@ def _step_chunk(
             scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
         q, keep = quantize_chunk(
             x, rot, scale, inv_sqrt_block, step_divisor, 0.0, 0.0, BLOCK_ROWS, TILES, ROT_WIDTH,
-            HADAMARD, True, False, X_SPLIT,
+            HADAMARD, True, False, X_SPLIT, INTEGER_GRID,
         )
         g = g + cage_lambda * (x - q)
     m, v = _update_moments(g, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, beta1_weight, beta2, one_minus_beta2,
@@ -144,6 +144,7 @@ def _step_chunk(
             scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
         x = _decoupled_correction(
             x, rot, scale, inv_sqrt_block, step_divisor, cage_step, BLOCK_ROWS, TILES, ROT_WIDTH, HADAMARD,
+            INTEGER_GRID,
         )
     store_rounded(param_ptr + offsets, x, in_bounds)
 
@@ -152,10 +153,12 @@ def _step_chunk(
 def _decoupled_correction(
     x, rot, scale, inv_sqrt_block, step_divisor, cage_step,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr, HADAMARD: tl.constexpr,
+    INTEGER_GRID: tl.constexpr,
 ):
     """``x - lr * lambda_t * (x - Q(x))`` (x: fp32, any value: three bf16 parts)."""
     q, keep = quantize_chunk(
         x, rot, scale, inv_sqrt_block, step_divisor, 0.0, 0.0, BLOCK_ROWS, TILES, ROT_WIDTH, HADAMARD, True, False, 3,
+        INTEGER_GRID,
     )
     return tl.fma(tl.zeros_like(x) - cage_step, x - q, x)  # sub_(x - q, alpha=lr * lambda)
 
@@ -169,7 +172,7 @@ def _adamw_cage_kernel(
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
     LERP_SMALL_WEIGHT: tl.constexpr, CAGE: tl.constexpr, COUPLED: tl.constexpr, HADAMARD: tl.constexpr,
     X_SPLIT: tl.constexpr, CHECK_FOUND_INF: tl.constexpr, UNSCALE_GRAD: tl.constexpr, VEC: tl.constexpr,
-    PARAM_BYTES: tl.constexpr, GRAD_BYTES: tl.constexpr,
+    PARAM_BYTES: tl.constexpr, GRAD_BYTES: tl.constexpr, INTEGER_GRID: tl.constexpr,
 ):
     tile = tl.program_id(0)
     tensor = tl.load(tile_table + 2 * tile)
@@ -207,6 +210,7 @@ def _adamw_cage_kernel(
             decay_factor, beta1_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
             cage_lambda, cage_step, alpha, step_divisor, inv_sqrt_block, rms_eps, grad_scale,
             BLOCK_ROWS, TILES, ROT_WIDTH, LERP_SMALL_WEIGHT, CAGE, COUPLED, True, HADAMARD, X_SPLIT, UNSCALE_GRAD,
+            INTEGER_GRID,
         )
     elif COUPLED:
         # sweep 1: the row sums of squares of x before the step
@@ -220,7 +224,7 @@ def _adamw_cage_kernel(
                 decay_factor, beta1_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
                 cage_lambda, cage_step, alpha, step_divisor, inv_sqrt_block, rms_eps, grad_scale,
                 BLOCK_ROWS, TILES, ROT_WIDTH, LERP_SMALL_WEIGHT, CAGE, COUPLED, False, HADAMARD, X_SPLIT,
-                UNSCALE_GRAD,
+                UNSCALE_GRAD, INTEGER_GRID,
             )
     else:
         # sweep 1: the moments, and the row sums of squares of the AdamW-updated weights
@@ -246,6 +250,7 @@ def _adamw_cage_kernel(
             x = tl.where(in_bounds, _adamw_param(x, m, v, decay_factor, neg_step_size, bias_correction2_sqrt, eps), 0.0)
             x = _decoupled_correction(
                 x, rot, scale, inv_sqrt_block, step_divisor, cage_step, BLOCK_ROWS, TILES, ROT_WIDTH, HADAMARD,
+                INTEGER_GRID,
             )
             store_rounded(param_ptr + offsets, x, in_bounds)
 
@@ -307,7 +312,7 @@ def alignment(p, g, m, v, n_cols: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _step_kernel_launch(n_tiles, blocking, param_dtype, grad_dtype, vec, lerp_small_weight, cage, coupled, hadamard,
-                        check_found_inf, unscale_grad):
+                        check_found_inf, unscale_grad, integer_grid=False):
     return Launch.of(
         _adamw_cage_kernel, (n_tiles,), blocking,
         PARAM_DTYPE=tl_dtype(param_dtype), GRAD_DTYPE=tl_dtype(grad_dtype),
@@ -315,25 +320,25 @@ def _step_kernel_launch(n_tiles, blocking, param_dtype, grad_dtype, vec, lerp_sm
         SINGLE_CHUNK=blocking.single_chunk, LERP_SMALL_WEIGHT=lerp_small_weight,
         CAGE=cage, COUPLED=cage and coupled, HADAMARD=cage and hadamard,
         X_SPLIT=split_parts(param_dtype), CHECK_FOUND_INF=check_found_inf, UNSCALE_GRAD=unscale_grad, VEC=vec,
-        PARAM_BYTES=param_dtype.itemsize, GRAD_BYTES=grad_dtype.itemsize,
+        PARAM_BYTES=param_dtype.itemsize, GRAD_BYTES=grad_dtype.itemsize, INTEGER_GRID=cage and integer_grid,
     )
 
 
 def step_launch(tensor_table, tile_table, rot, found_inf, n_tiles, blocking: RowTiling, *, param_dtype, grad_dtype,
                 vec: int, lr, beta1, beta2, eps, weight_decay, step, cage_lambda, coupled, levels, alpha, hadamard,
-                block_size, rms_eps, grad_scale=None):
+                block_size, rms_eps, grad_scale=None, integer_grid=False):
     """``(Launch, args)`` of one bucket; the tensors may be dtypes (compile gate)."""
     cage = levels is not None and cage_lambda != 0
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     beta1_weight = 1 - beta1
     launch = _step_kernel_launch(n_tiles, blocking, param_dtype, grad_dtype, vec, abs(beta1_weight) < 0.5, cage,
-                                 coupled, hadamard, found_inf is not None, grad_scale is not None)
+                                 coupled, hadamard, found_inf is not None, grad_scale is not None, integer_grid)
     args = (
         tensor_table, tile_table, rot, found_inf if found_inf is not None else tile_table,
         grad_scale if grad_scale is not None else tile_table,
         1 - lr * weight_decay, beta1_weight, beta2, 1 - beta2, -(lr / bias_correction1), bias_correction2**0.5, eps,
-        float(cage_lambda), lr * cage_lambda, alpha if cage else 0.0, float(levels - 1) if cage else 1.0,
+        float(cage_lambda), lr * cage_lambda, alpha if cage else 0.0, step_divisor(levels, integer_grid) if cage else 1.0,
         1.0 / block_size**0.5 if cage and hadamard else 1.0, rms_eps,
     )
     return launch, args
@@ -379,10 +384,10 @@ class StepPlan:
     """
 
     def __init__(self, params, grads, exp_avgs, exp_avg_sqs, *, cage: bool = False, levels: int | None = None,
-                 alpha: float | None = None, hadamard: bool = True, block_size: int = 128):
+                 alpha: float | None = None, hadamard: bool = True, block_size: int = 128, integer_grid: bool = False):
         interpreted = is_interpreted(_adamw_cage_kernel)
         self.cage, self.levels, self.alpha = cage, levels, alpha
-        self.hadamard, self.block_size = hadamard, block_size
+        self.hadamard, self.block_size, self.integer_grid = hadamard, block_size, integer_grid
         groups: dict[tuple, list] = collections.defaultdict(list)
         for index, (p, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
             if not kernel_can_step(p, grad, exp_avg, exp_avg_sq):
@@ -393,7 +398,7 @@ class StepPlan:
                     f"(contiguous: {grad.is_contiguous()}), moments {exp_avg.dtype}"
                 )
             if cage:
-                check_quantizer_args(p.dtype, levels, alpha, hadamard, block_size, 0, p.shape[-1])
+                check_quantizer_args(p.dtype, levels, alpha, hadamard, block_size, 0, p.shape[-1], integer_grid)
             blocking = step_blocking(p.shape[-1] if cage else None, hadamard=hadamard, block_size=block_size,
                                      interpreted=interpreted)
             n_cols = p.shape[-1] if cage else blocking.chunk_width
@@ -443,7 +448,7 @@ class StepPlan:
                 grad_dtype=b.grad_dtype, vec=b.vec, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, step=step, cage_lambda=cage_lambda if self.cage else 0.0, coupled=coupled,
                 levels=levels, alpha=self.alpha, hadamard=self.hadamard, block_size=self.block_size,
-                rms_eps=rms_eps, grad_scale=scale,
+                rms_eps=rms_eps, grad_scale=scale, integer_grid=self.integer_grid,
             )
             launch(*args)
 
@@ -452,7 +457,7 @@ def adamw_cage_step(
     params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, cage_lambda: float = 0.0, coupled: bool = False, levels: int | None = None,
     alpha: float | None = None, hadamard: bool = True, block_size: int = 128, rms_eps: float = 1e-20,
-    found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None, integer_grid: bool = False,
 ) -> None:
     """One AdamW (+ CAGE) step of every tensor, in place, sharing hyperparameters and step:
     a :class:`StepPlan` built and launched once (callers that step the same tensors again
@@ -466,6 +471,6 @@ def adamw_cage_step(
     """
     cage = levels is not None and cage_lambda != 0
     plan = StepPlan(params, grads, exp_avgs, exp_avg_sqs, cage=cage, levels=levels, alpha=alpha, hadamard=hadamard,
-                    block_size=block_size)
+                    block_size=block_size, integer_grid=integer_grid)
     plan(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, cage_lambda=cage_lambda,
          coupled=coupled, rms_eps=rms_eps, found_inf=found_inf, grad_scale=grad_scale)

@@ -4,12 +4,13 @@ matmul, dequantizing weight tiles in registers so the weight crosses memory at i
 The weight format (``cage.packing``): row ``n`` of ``W`` is a dense little-endian bit stream
 of ``K`` codes of ``BITS`` bits (code ``k`` at bits ``k*BITS ..``, bit 0 the lowest of byte 0),
 ``ceil(K * BITS / 8)`` bytes a row; one fp32 ``step[n]`` per row and one code offset for the
-tensor, so that ``W[n, k] = ((code[n, k] - offset) - 0.5) * step[n]``.
+tensor, so that ``W[n, k] = ((code[n, k] - offset) - level_offset) * step[n]`` (``level_offset``
+1/2 for the centered grid's half-integer levels, 0 for the integer grid).
 
 A program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y`` and walks ``K`` in ``BLOCK_K`` slices.
 The per-row step is factored out of the sum, ``y[m, n] = step[n] * sum_k x[m, k] (code - c)``
-with ``c = offset + 0.5``: the tile that enters ``tl.dot`` holds half-integers of magnitude at
-most 127.5, exact in bf16, fp16 and tf32, so the product runs on tensor cores in x's own
+with ``c = offset + level_offset``: the tile that enters ``tl.dot`` holds half-integers (or
+integers) of magnitude at most 128, exact in bf16, fp16 and tf32, so the product runs on tensor cores in x's own
 dtype with nothing rounded on the weight side; the fp32 accumulator is scaled once at the end.
 """
 
@@ -160,7 +161,8 @@ def _dot_dtype_and_precision(x_dtype: torch.dtype, interpreted: bool):
     return tl_dtype(x_dtype), "tf32x3"  # the precision only matters for fp32 operands
 
 
-def matmul_launch(x, packed, step, bias, y, m, n, k, *, bits, code_offset, x_row_stride=None, interpreted=None):
+def matmul_launch(x, packed, step, bias, y, m, n, k, *, bits, code_offset, x_row_stride=None, interpreted=None,
+                  level_offset=0.5):
     """``(Launch, args)`` of the kernel; tensors may be dtypes (the compile gate), ``bias`` None."""
     if interpreted is None:
         interpreted = is_interpreted(_dequant_matmul_kernel)
@@ -172,7 +174,7 @@ def matmul_launch(x, packed, step, bias, y, m, n, k, *, bits, code_offset, x_row
         HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
     )
     args = (x, packed, step, step if bias is None else bias, y, m, n, k,
-            k if x_row_stride is None else x_row_stride, packed_row_bytes(k, bits), float(code_offset) + 0.5)
+            k if x_row_stride is None else x_row_stride, packed_row_bytes(k, bits), float(code_offset) + level_offset)
     return launch, args
 
 
@@ -188,7 +190,7 @@ def _describe(t) -> str:
     return f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check_matmul_args(x, packed, step, code_offset, bits, bias) -> None:
+def check_matmul_args(x, packed, step, code_offset, bits, bias, level_offset=0.5) -> None:
     """Clear errors, naming the parameter and what it accepts, before anything is launched."""
     owner = "packed_matmul"
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
@@ -211,6 +213,8 @@ def check_matmul_args(x, packed, step, code_offset, bits, bias) -> None:
     if isinstance(code_offset, bool) or not isinstance(code_offset, int) or not 0 <= code_offset < 2**bits:
         raise ValueError(f"{owner}: code_offset must be an integer in 0..{2**bits - 1} for bits={bits}, "
                          f"got {code_offset!r}")
+    if level_offset not in (0.0, 0.5):
+        raise ValueError(f"{owner}: level_offset must be 0.5 (centered grid) or 0.0 (integer grid), got {level_offset!r}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
                              or tuple(bias.shape) != (n,)):
         raise ValueError(f"{owner}: bias must be None or a floating-point tensor of shape [N] = [{n}], "
@@ -221,12 +225,12 @@ def check_matmul_args(x, packed, step, code_offset, bits, bias) -> None:
 
 
 def packed_matmul(x: torch.Tensor, packed: torch.Tensor, step: torch.Tensor, code_offset: int, bits: int,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, level_offset: float = 0.5) -> torch.Tensor:
     """``x @ W^T (+ bias)`` in x's dtype (fp32 accumulation), ``W[n, k] = ((code[n, k] -
-    code_offset) - 0.5) * step[n]`` with the codes read from ``packed`` (uint8
+    code_offset) - level_offset) * step[n]`` with the codes read from ``packed`` (uint8
     ``[N, ceil(K * bits / 8)]``, ``cage.packing``'s format). ``x``: ``[M, K]`` fp32, bf16 or
     fp16 with a contiguous last dimension; ``step``: fp32 ``[N]``; ``bias``: ``[N]`` or None."""
-    check_matmul_args(x, packed, step, code_offset, bits, bias)
+    check_matmul_args(x, packed, step, code_offset, bits, bias, level_offset)
     (m, k), n = x.shape, packed.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -234,6 +238,6 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, step: torch.Tensor, cod
     packed, step = packed.contiguous(), step.contiguous()
     bias = None if bias is None else bias.contiguous()
     launch, args = matmul_launch(x, packed, step, bias, y, m, n, k, bits=bits, code_offset=code_offset,
-                                 x_row_stride=x.stride(0))
+                                 x_row_stride=x.stride(0), level_offset=level_offset)
     launch(*args)
     return y

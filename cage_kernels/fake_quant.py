@@ -49,18 +49,21 @@ def _quantize_store_chunk(
     inv_sqrt_block, step_divisor, mask_center, mask_radius,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
     HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, STORE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
-    EMIT_CODES: tl.constexpr,
+    EMIT_CODES: tl.constexpr, INTEGER_GRID: tl.constexpr,
 ):
-    if EMIT_CODES:  # the signed odd codes C = 2 * level (|C| <= 127 at 7 bits), rotated domain
+    if EMIT_CODES:  # signed integer codes, rotated domain: odd C = 2 * level (centered), or k itself
         level, step, keep = grid_levels(
             x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-            HADAMARD, STORE_MASK, X_SPLIT,
+            HADAMARD, STORE_MASK, X_SPLIT, INTEGER_GRID,
         )
-        tl.store(q_ptr + offsets, (2.0 * level).to(tl.int8), mask=in_bounds)
+        if INTEGER_GRID:
+            tl.store(q_ptr + offsets, level.to(tl.int8), mask=in_bounds)
+        else:
+            tl.store(q_ptr + offsets, (2.0 * level).to(tl.int8), mask=in_bounds)
     else:
         q, keep = quantize_chunk(
             x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-            HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT,
+            HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT, INTEGER_GRID,
         )
         store_rounded(q_ptr + offsets, q, in_bounds)
     if STORE_MASK:
@@ -68,6 +71,14 @@ def _quantize_store_chunk(
         byte_cols = col_start // 8 + tl.arange(0, TILES * ROT_WIDTH // 8)
         byte_offsets = rows[:, None] * row_bytes + byte_cols[None, :]
         tl.store(mask_ptr + byte_offsets, packed, mask=row_ok[:, None] & (byte_cols < row_bytes)[None, :])
+
+
+@triton.jit
+def _code_scale(scale, step_divisor, INTEGER_GRID: tl.constexpr):
+    """What the integer codes multiply to give q: ``d / 2`` (centered) or ``d`` (integer)."""
+    if INTEGER_GRID:
+        return grid_step(scale, step_divisor)
+    return grid_step(scale, step_divisor) * 0.5
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # any row count: one kernel
@@ -78,6 +89,7 @@ def _fake_quant_fwd_kernel(
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, HADAMARD: tl.constexpr,
     ROTATE_BACK: tl.constexpr, STORE_MASK: tl.constexpr, X_SPLIT: tl.constexpr, EMIT_CODES: tl.constexpr,
+    INTEGER_GRID: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
     row_ok = rows < n_rows
@@ -92,25 +104,25 @@ def _fake_quant_fwd_kernel(
         x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
         scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
         if EMIT_CODES:
-            tl.store(half_step_ptr + rows, grid_step(scale, step_divisor) * 0.5, mask=row_ok)
+            tl.store(half_step_ptr + rows, _code_scale(scale, step_divisor, INTEGER_GRID), mask=row_ok)
         _quantize_store_chunk(
             x, offsets, in_bounds, 0, rows, row_ok, scale, rot, q_ptr, mask_ptr, row_bytes,
             inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-            HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT, EMIT_CODES,
+            HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT, EMIT_CODES, INTEGER_GRID,
         )
     else:
         # sweep 1: the rows' sums of squares; sweep 2 re-reads the row block from L2
         scale = row_scale(sweep_sum_squares(x_ptr, rows, row_ok, n_cols, BLOCK_ROWS, TILES, ROT_WIDTH),
                           n_cols, alpha, rms_eps)
         if EMIT_CODES:
-            tl.store(half_step_ptr + rows, grid_step(scale, step_divisor) * 0.5, mask=row_ok)
+            tl.store(half_step_ptr + rows, _code_scale(scale, step_divisor, INTEGER_GRID), mask=row_ok)
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
             x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
             _quantize_store_chunk(
                 x, offsets, in_bounds, col_start, rows, row_ok, scale, rot, q_ptr, mask_ptr, row_bytes,
                 inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-                HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT, EMIT_CODES,
+                HADAMARD, ROTATE_BACK, STORE_MASK, X_SPLIT, EMIT_CODES, INTEGER_GRID,
             )
 
 
@@ -165,7 +177,7 @@ def supports(dtype: torch.dtype, hadamard: bool, block_size: int) -> bool:
     return dtype in KERNEL_DTYPES and (not hadamard or block_size <= MAX_KERNEL_BLOCK)
 
 
-def check_quantizer_args(dtype, levels, alpha, hadamard, block_size, mask_mode, n_cols) -> None:
+def check_quantizer_args(dtype, levels, alpha, hadamard, block_size, mask_mode, n_cols, integer_grid=False) -> None:
     if not supports(dtype, hadamard, block_size):
         raise ValueError(
             f"cage_kernels: dtype {dtype} with hadamard={hadamard}, block_size={block_size} is not supported "
@@ -173,6 +185,8 @@ def check_quantizer_args(dtype, levels, alpha, hadamard, block_size, mask_mode, 
         )
     if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
         raise ValueError(f"cage_kernels: levels must be an integer in 2..256 (2**bits), got {levels!r}")
+    if integer_grid and levels < 4:
+        raise ValueError(f"cage_kernels: the integer grid needs levels >= 4 (2 bits), got {levels!r}")
     if not alpha > 0:
         raise ValueError(f"cage_kernels: alpha must be > 0, got {alpha!r}")
     if mask_mode not in MASK_MODES:
@@ -181,36 +195,44 @@ def check_quantizer_args(dtype, levels, alpha, hadamard, block_size, mask_mode, 
         raise ValueError(f"cage_kernels: rows of {n_cols} columns are not whole Hadamard blocks of {block_size}")
 
 
+def step_divisor(levels: int, integer_grid: bool) -> float:
+    """``2 s / d``: the step is ``2 s / (levels - 1)`` on the centered grid, ``2 s / levels`` on the integer one."""
+    return float(levels if integer_grid else levels - 1)
+
+
 def forward_launch(x, q, mask, rot, n_rows, n_cols, *, levels, alpha, hadamard, block_size, mask_mode,
-                   mask_radius, rotate_back, rms_eps, interpreted=None, half_step=None):
+                   mask_radius, rotate_back, rms_eps, interpreted=None, half_step=None, integer_grid=False):
     """``(Launch, args)`` of the forward kernel; the tensors may be dtypes (compile gate).
     With ``half_step`` (a tensor of one fp32 per row, or its dtype) the kernel emits the
-    signed integer codes into ``q`` (int8) and each row's ``d / 2`` into ``half_step``."""
+    signed integer codes into ``q`` (int8) and each row's code scale (``d / 2``, or ``d`` on
+    the integer grid) into ``half_step``."""
     if interpreted is None:
         interpreted = is_interpreted(_fake_quant_fwd_kernel)
     launch = _forward_kernel_launch(n_rows, n_cols, dtype_of(x), hadamard, block_size, mask_mode != MASK_NONE,
-                                    rotate_back, interpreted, tiling.ROW_CHUNK_MAX, half_step is not None)
+                                    rotate_back, interpreted, tiling.ROW_CHUNK_MAX, half_step is not None,
+                                    integer_grid)
     args = (x, q, mask, rot, half_step if half_step is not None else mask, n_rows, n_cols, mask_bytes_per_row(n_cols),
-            alpha, float(levels - 1), 1.0 / block_size**0.5 if hadamard else 1.0,
+            alpha, step_divisor(levels, integer_grid), 1.0 / block_size**0.5 if hadamard else 1.0,
             1.0 if mask_mode == MASK_TRUST else 0.0, mask_radius, rms_eps)
     return launch, args
 
 
 @functools.lru_cache(maxsize=4096)
 def _forward_kernel_launch(n_rows, n_cols, dtype, hadamard, block_size, store_mask, rotate_back, interpreted,
-                           row_chunk_max, emit_codes=False):
+                           row_chunk_max, emit_codes=False, integer_grid=False):
     blocking = plan_rows(n_cols, quant_rot_width(hadamard, block_size, n_cols),
                          uses_dot=hadamard, interpreted=interpreted)
     return Launch.of(
         _fake_quant_fwd_kernel, (cdiv(n_rows, blocking.block_rows),), blocking,
         BLOCK_ROWS=blocking.block_rows, TILES=blocking.tiles, ROT_WIDTH=blocking.rot_width,
         SINGLE_CHUNK=blocking.single_chunk, HADAMARD=hadamard, ROTATE_BACK=rotate_back,
-        STORE_MASK=store_mask, X_SPLIT=split_parts(dtype), EMIT_CODES=emit_codes,
+        STORE_MASK=store_mask, X_SPLIT=split_parts(dtype), EMIT_CODES=emit_codes, INTEGER_GRID=integer_grid,
     )
 
 
-# Codes fit int8 while |C| <= levels - 1 <= 127: up to 7 bits.
-MAX_CODE_LEVELS = 128
+# Codes fit int8 while |C| <= levels - 1 <= 127 (centered: up to 7 bits), or, on the integer
+# grid, while -levels/2 >= -128 (up to 8 bits).
+MAX_CODE_LEVELS = {False: 128, True: 256}
 
 
 class ForwardPlan:
@@ -241,15 +263,16 @@ class ForwardPlan:
 
 def plan_forward(shape, dtype: torch.dtype, device: torch.device, *, levels: int, alpha: float, hadamard: bool,
                  block_size: int, mask_mode: int, mask_radius: float, rotate_back: bool = True,
-                 rms_eps: float = 1e-20, emit_codes: bool = False) -> ForwardPlan:
+                 rms_eps: float = 1e-20, emit_codes: bool = False, integer_grid: bool = False) -> ForwardPlan:
     """The :class:`ForwardPlan` of inputs of ``shape``/``dtype`` on ``device`` (arguments as
     :func:`fake_quant_forward`'s); raises ValueError for what the kernel does not take."""
     n_cols = shape[-1] if len(shape) else 1
-    check_quantizer_args(dtype, levels, alpha, hadamard, block_size, mask_mode, n_cols)
-    if emit_codes and (rotate_back and hadamard or levels > MAX_CODE_LEVELS):
+    check_quantizer_args(dtype, levels, alpha, hadamard, block_size, mask_mode, n_cols, integer_grid)
+    if emit_codes and (rotate_back and hadamard or levels > MAX_CODE_LEVELS[integer_grid]):
         raise ValueError(
-            f"cage_kernels: integer codes live in the rotated domain and fit int8 up to {MAX_CODE_LEVELS} levels "
-            f"(7 bits); got rotate_back={rotate_back} with hadamard={hadamard}, levels={levels}"
+            f"cage_kernels: integer codes live in the rotated domain and fit int8 up to "
+            f"{MAX_CODE_LEVELS[integer_grid]} levels on the {'integer' if integer_grid else 'centered'} grid; "
+            f"got rotate_back={rotate_back} with hadamard={hadamard}, levels={levels}"
         )
     numel = math.prod(shape)
     n_rows = numel // n_cols if n_cols else 0
@@ -263,7 +286,7 @@ def plan_forward(shape, dtype: torch.dtype, device: torch.device, *, levels: int
         dtype, torch.int8 if emit_codes else dtype, torch.uint8, rot, n_rows, n_cols, levels=levels, alpha=alpha,
         hadamard=hadamard, block_size=block_size, mask_mode=mask_mode, mask_radius=mask_radius,
         rotate_back=rotate_back, rms_eps=rms_eps, interpreted=interpreted,
-        half_step=torch.float32 if emit_codes else None,
+        half_step=torch.float32 if emit_codes else None, integer_grid=integer_grid,
     )
     return ForwardPlan(launch, mask_shape, rot, args[5:], stores_mask, n_rows, emit_codes)
 
@@ -273,22 +296,25 @@ _FORWARD_PLANS = PlanCache()
 
 def fake_quant_forward(
     x: torch.Tensor, *, levels: int, alpha: float, hadamard: bool, block_size: int, mask_mode: int,
-    mask_radius: float, rotate_back: bool = True, rms_eps: float = 1e-20,
+    mask_radius: float, rotate_back: bool = True, rms_eps: float = 1e-20, integer_grid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """QuEST fake quantization of ``x`` along its last dimension (SPEC 1):
     ``(Q(x) in x's dtype and shape, contiguous; bit-packed mask)``.
 
     ``levels = 2**bits``, ``alpha`` the clip in units of the row RMS, ``mask_mode`` one of
     MASK_NONE / MASK_CLIP (``|x_h| <= mask_radius * s``) / MASK_TRUST
-    (``|q_h - x_h| <= mask_radius * s``). Plans are cached by shape, dtype, device and
-    arguments (a caller with its own key keeps :func:`plan_forward`'s plan instead)."""
+    (``|q_h - x_h| <= mask_radius * s``); ``integer_grid``: levels ``k d``, ``k`` in
+    ``-levels/2 .. levels/2 - 1`` (``d = 2 s / levels``) instead of the centered ``(k - 1/2) d``.
+    Plans are cached by shape, dtype, device and arguments (a caller with its own key keeps
+    :func:`plan_forward`'s plan instead)."""
     key = (x.shape, x.dtype, x.device, levels, alpha, hadamard, block_size, mask_mode, mask_radius, rotate_back,
-           rms_eps, tiling.ROW_CHUNK_MAX)
+           rms_eps, tiling.ROW_CHUNK_MAX, integer_grid)
     plan = _FORWARD_PLANS.get(key)
     if plan is None:
         plan = _FORWARD_PLANS.put(key, plan_forward(
             x.shape, x.dtype, x.device, levels=levels, alpha=alpha, hadamard=hadamard, block_size=block_size,
             mask_mode=mask_mode, mask_radius=mask_radius, rotate_back=rotate_back, rms_eps=rms_eps,
+            integer_grid=integer_grid,
         ))
     return plan(x)
 
@@ -298,17 +324,20 @@ _CODE_PLANS = PlanCache()
 
 def fake_quant_codes(
     x: torch.Tensor, *, levels: int, alpha: float, hadamard: bool, block_size: int, mask_mode: int,
-    mask_radius: float, rms_eps: float = 1e-20,
+    mask_radius: float, rms_eps: float = 1e-20, integer_grid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The quantizer of :func:`fake_quant_forward` with the rotated-domain output given as
-    integers: ``(codes, half_step, mask)``, int8 ``C = 2c - (levels - 1)`` of x's shape, fp32
-    ``d / 2`` per row (``q(x_h) = C * d / 2`` exactly), the bit-packed mask. Up to 7 bits."""
+    integers: ``(codes, code_scale, mask)``: int8 codes of x's shape (centered: odd
+    ``C = 2c - (levels - 1)``, code scale ``d / 2``; integer grid: ``C = k``, code scale ``d``),
+    fp32 code scale per row (``q(x_h) = C * code_scale`` exactly), the bit-packed mask. Up to 7
+    bits centered, 8 on the integer grid."""
     key = (x.shape, x.dtype, x.device, levels, alpha, hadamard, block_size, mask_mode, mask_radius, rms_eps,
-           tiling.ROW_CHUNK_MAX)
+           tiling.ROW_CHUNK_MAX, integer_grid)
     plan = _CODE_PLANS.get(key)
     if plan is None:
         plan = _CODE_PLANS.put(key, plan_forward(
             x.shape, x.dtype, x.device, levels=levels, alpha=alpha, hadamard=hadamard, block_size=block_size,
             mask_mode=mask_mode, mask_radius=mask_radius, rotate_back=False, rms_eps=rms_eps, emit_codes=True,
+            integer_grid=integer_grid,
         ))
     return plan(x)

@@ -86,16 +86,17 @@ def row_scale(sum_squares, n_cols, alpha, rms_eps):
 def grid_levels(
     x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
-    HADAMARD: tl.constexpr, COMPUTE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
+    HADAMARD: tl.constexpr, COMPUTE_MASK: tl.constexpr, X_SPLIT: tl.constexpr, INTEGER_GRID: tl.constexpr,
 ):
     """The grid levels of a chunk of whole rotation blocks (SPEC 1 steps 1 and 3), in the
-    rotated domain: ``(level, step, keep)`` with ``level = k - 1/2`` a half-integer in
-    ``[-(levels-1)/2, (levels-1)/2]`` (so ``2 * level`` is the signed integer code ``C``),
-    ``step`` ``[BLOCK_ROWS, 1, 1]`` the row's step ``d`` and ``q_h = level * step``.
+    rotated domain: ``(level, step, keep)`` with ``step`` ``[BLOCK_ROWS, 1, 1]`` the row's step
+    ``d`` and ``q_h = level * step``. Centered grid: ``level = k - 1/2`` a half-integer in
+    ``[-(levels-1)/2, (levels-1)/2]`` (``2 * level`` is the signed integer code ``C``); integer
+    grid (INTEGER_GRID): ``level = k`` in ``[-levels/2, levels/2 - 1]``, the code itself.
 
     x: fp32 ``[BLOCK_ROWS, TILES, ROT_WIDTH]``; scale: fp32 ``[BLOCK_ROWS]``, the row's s;
-    ``step_divisor`` is ``levels - 1`` (a run-time value: one compiled kernel serves every
-    bit width); ``X_SPLIT`` the bf16 parts x is exact in (``hadamard.rotate_tiles``);
+    ``step_divisor`` is ``levels - 1`` (centered) or ``levels`` (integer): a run-time value, one
+    compiled kernel serves every bit width; ``X_SPLIT`` the bf16 parts x is exact in (``hadamard.rotate_tiles``);
     ``mask_center`` 0 (clip mask) or 1 (trust mask), ``mask_radius`` in units of s; keep is
     the straight-through mask in the rotated domain (meaningless for MASK_NONE).
     """
@@ -105,8 +106,13 @@ def grid_levels(
         x_h = x
     s = scale[:, None, None]
     step = grid_step(s, step_divisor)
-    clipped = tl.minimum(tl.maximum(x_h, -s), s)
-    level = round_half_even(tl.div_rn(clipped, step) + 0.5) - 0.5
+    if INTEGER_GRID:
+        # clamped to the code range before rounding: the same as after it (integer bounds)
+        half = step_divisor * 0.5
+        level = round_half_even(tl.minimum(tl.maximum(tl.div_rn(x_h, step), -half), half - 1.0))
+    else:
+        clipped = tl.minimum(tl.maximum(x_h, -s), s)
+        level = round_half_even(tl.div_rn(clipped, step) + 0.5) - 0.5
     if COMPUTE_MASK:
         # clip (center 0): |x_h| <= radius * s; trust (center 1): |q_h - x_h| <= radius * s.
         # Run-time values: one compiled kernel serves both masks.
@@ -127,16 +133,18 @@ def quantize_chunk(
     x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
     HADAMARD: tl.constexpr, ROTATE_BACK: tl.constexpr, COMPUTE_MASK: tl.constexpr, X_SPLIT: tl.constexpr,
+    INTEGER_GRID: tl.constexpr,
 ):
     """QuEST fake quantization of a chunk of whole rotation blocks (SPEC 1 steps 1, 3, 4):
     :func:`grid_levels`, then ``(q, keep)``: q fp32, ``Q(x)`` in the input space (or the
     rotated ``q(x_h)`` when not ROTATE_BACK)."""
     level, step, keep = grid_levels(
         x, rot, scale, inv_sqrt_block, step_divisor, mask_center, mask_radius, BLOCK_ROWS, TILES, ROT_WIDTH,
-        HADAMARD, COMPUTE_MASK, X_SPLIT,
+        HADAMARD, COMPUTE_MASK, X_SPLIT, INTEGER_GRID,
     )
     if HADAMARD and ROTATE_BACK:
-        # rotate the levels, not q_h: half-integers, exact in bf16 (and their sums of 16 in two parts)
+        # rotate the levels, not q_h: (half-)integers of at most 128, exact in bf16 (and their sums
+        # of 16 in two parts)
         q = rotate_tiles(level, rot, BLOCK_ROWS, TILES, ROT_WIDTH, 1, 2) * (step * inv_sqrt_block)
     else:
         q = level * step

@@ -51,21 +51,24 @@ def run_and_check(x, config, rotate_back=True):
 
 
 def _forward_cases():
-    """Every bits x mask x dtype x rotation combination; the shape (3/7/33 rows, 1-3
+    """Every grid x bits x mask x dtype x rotation combination; the shape (3/7/33 rows, 1-3
     blocks of 16..128 columns, or odd widths without rotation) and rotate_back drawn per case."""
     cases = []
-    for bits in range(1, 9):
-        for grad_mask in GRAD_MASKS:
-            for dtype in DTYPES:
-                for hadamard in (True, False):
-                    name = f"b{bits}-{grad_mask}-{DTYPE_NAMES[dtype]}-{'H' if hadamard else 'noH'}"
-                    rng = random.Random(seeded(name))
-                    block = rng.choice((16, 32, 64, 128))
-                    n_cols = block * rng.randint(1, 3) if hadamard else rng.choice((16, 37, 100, 200))
-                    rows = rng.choice((3, 7, 33))
-                    rotate_back = rng.random() < 0.5
-                    config = QuantConfig(bits, hadamard=hadamard, block_size=block, grad_mask=grad_mask)
-                    cases.append(pytest.param(config, (rows, n_cols), dtype, rotate_back, id=name))
+    for grid in ("centered", "integer"):
+        for bits in range(1 if grid == "centered" else 2, 9):
+            for grad_mask in GRAD_MASKS:
+                for dtype in DTYPES:
+                    for hadamard in (True, False):
+                        name = (f"b{bits}-{grad_mask}-{DTYPE_NAMES[dtype]}-{'H' if hadamard else 'noH'}"
+                                + ("-int" if grid == "integer" else ""))
+                        rng = random.Random(seeded(name))
+                        block = rng.choice((16, 32, 64, 128))
+                        n_cols = block * rng.randint(1, 3) if hadamard else rng.choice((16, 37, 100, 200))
+                        rows = rng.choice((3, 7, 33))
+                        rotate_back = rng.random() < 0.5
+                        config = QuantConfig(bits, hadamard=hadamard, block_size=block, grad_mask=grad_mask,
+                                             grid=grid)
+                        cases.append(pytest.param(config, (rows, n_cols), dtype, rotate_back, id=name))
     return cases
 
 

@@ -152,7 +152,8 @@ def test_rows_longer_than_a_chunk_take_two_sweeps(monkeypatch, coupling):
 @pytest.mark.parametrize(
     "quant",
     [QuantConfig(3, hadamard=False), QuantConfig(2, block_size=8), QuantConfig(1, block_size=16),
-     QuantConfig(8, block_size=128)],
+     QuantConfig(8, block_size=128), QuantConfig(4, block_size=32, grid="integer"),
+     QuantConfig(8, block_size=128, grid="integer"), QuantConfig(2, hadamard=False, grid="integer")],
     ids=str,
 )
 def test_quantizer_variants(quant):
@@ -272,3 +273,9 @@ def test_llama_mlp_row_lengths(dtype, coupling):
     # rows of 11008 and 14336 columns (86 and 112 blocks of 128), a few rows each
     params = make_params(dtype, 7, [(3, 11008), (2, 14336)], [(11008,)])
     lockstep(dtype, steps=4, total_steps=4, silence_ratio=0.0, quant=QuantConfig(4), params=params, coupling=coupling)
+
+
+def test_the_integer_grid_coupled_and_bf16_match_the_torch_backend():
+    quant = QuantConfig(4, block_size=32, grid="integer")
+    lockstep(torch.bfloat16, steps=6, total_steps=6, silence_ratio=0.0, quant=quant, coupling="coupled")
+    lockstep(torch.float32, steps=6, total_steps=6, silence_ratio=0.0, quant=quant)

@@ -70,8 +70,8 @@ def test_grid_rounding_is_idempotent_at_a_fixed_scale(bits):
     torch.manual_seed(bits)
     x = torch.randn(5, 512)
     s = naive.row_scale(x, QuantConfig(bits))
-    once = naive.round_to_grid(x, s, 2**bits)
-    twice = naive.round_to_grid(once, s, 2**bits)
+    once = naive.round_to_grid(x, s, QuantConfig(bits))
+    twice = naive.round_to_grid(once, s, QuantConfig(bits))
     assert torch.equal(once, twice)
 
 
@@ -98,7 +98,7 @@ def test_ties_round_half_to_even():
     # s = 7.5 at 4 bits gives a step of exactly 1: x_h = k puts x/d + 0.5 on a tie
     s = torch.tensor([[7.5]])
     x_h = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1.0, -2.0, -3.0]])
-    q_h = naive.round_to_grid(x_h, s, 16)
+    q_h = naive.round_to_grid(x_h, s, QuantConfig(4))
     # round(0.5)=0, round(1.5)=2, round(2.5)=2, round(3.5)=4, round(-0.5)=0, round(-1.5)=-2, round(-2.5)=-2
     expected = torch.tensor([[0.0, 2.0, 2.0, 4.0, 0.0, -2.0, -2.0]]) - 0.5
     assert torch.equal(q_h, expected)

@@ -40,7 +40,8 @@ def test_metrics_json_and_outputs(short_run):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(m))  # the file is what train() returned
     assert saved["config"]["method"] == "cage" and saved["config"]["steps"] == 30
-    assert saved["weight_quant"] == {"bits": 4, "hadamard": True, "block_size": 64, "grad_mask": "trust"}
+    assert saved["weight_quant"] == {"bits": 4, "hadamard": True, "block_size": 64, "grad_mask": "trust",
+                                     "grid": "centered"}
     assert saved["activation_quant"] == saved["weight_quant"]
     env = saved["environment"]
     assert env["torch"] == torch.__version__ and env["python"].count(".") == 2 and env["device"] == "cpu"

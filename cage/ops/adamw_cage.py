@@ -215,7 +215,7 @@ class GroupPlan:
         if all(kernels.supports(s[0].dtype, quant.hadamard, quant.block_size) for s in streams):
             bucket.kernel_plans[True] = kernels.StepPlan(
                 *zip(*streams), cage=True, levels=quant.levels, alpha=quant.alpha, hadamard=quant.hadamard,
-                block_size=quant.block_size,
+                block_size=quant.block_size, integer_grid=quant.grid == "integer",
             )
         else:  # a quantizer the kernel does not take (blocks above 128): the reference corrects them
             bucket.kernel_plans[True] = None

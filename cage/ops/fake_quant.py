@@ -88,7 +88,7 @@ def _kernel_forward(x: torch.Tensor, config: QuantConfig, rotate_back: bool):
             plan = kernels.plan_forward(
                 x.shape, x.dtype, x.device, levels=config.levels, alpha=config.alpha, hadamard=config.hadamard,
                 block_size=config.block_size, mask_mode=mode, mask_radius=radius, rotate_back=rotate_back,
-                rms_eps=RMS_EPS,
+                rms_eps=RMS_EPS, integer_grid=config.grid == "integer",
             )
         else:
             plan = _ReferenceForward(config, rotate_back)
@@ -108,7 +108,7 @@ def _kernel_codes(x: torch.Tensor, config: QuantConfig):
         plan = _remember(_CODE_PLANS, key, kernels.plan_forward(
             x.shape, x.dtype, x.device, levels=config.levels, alpha=config.alpha, hadamard=config.hadamard,
             block_size=config.block_size, mask_mode=mode, mask_radius=radius, rotate_back=False, rms_eps=RMS_EPS,
-            emit_codes=True,
+            emit_codes=True, integer_grid=config.grid == "integer",
         ))
     return plan(x)
 
@@ -131,14 +131,15 @@ def _kernel_backward(grad: torch.Tensor, mask_state: torch.Tensor, config: Quant
 
 @torch.library.custom_op("cage::fake_quant_fwd", mutates_args=())
 def fake_quant_fwd_op(
-    x: torch.Tensor, bits: int, hadamard: bool, block_size: int, grad_mask: str, rotate_back: bool
+    x: torch.Tensor, bits: int, hadamard: bool, block_size: int, grad_mask: str, rotate_back: bool,
+    grid: str = "centered",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    config = QuantConfig(bits=bits, hadamard=hadamard, block_size=block_size, grad_mask=grad_mask)
+    config = QuantConfig(bits=bits, hadamard=hadamard, block_size=block_size, grad_mask=grad_mask, grid=grid)
     return _kernel_forward(x, config, rotate_back)
 
 
 @fake_quant_fwd_op.register_fake
-def _(x, bits, hadamard, block_size, grad_mask, rotate_back):
+def _(x, bits, hadamard, block_size, grad_mask, rotate_back, grid="centered"):
     q = x.new_empty(x.shape)
     if grad_mask == "none":
         return q, x.new_empty(0, dtype=torch.uint8)
@@ -164,14 +165,14 @@ def _(grad, mask_state, hadamard, block_size, grad_mask, grad_is_rotated):
 
 @torch.library.custom_op("cage::fake_quant_codes", mutates_args=())
 def fake_quant_codes_op(
-    x: torch.Tensor, bits: int, hadamard: bool, block_size: int, grad_mask: str
+    x: torch.Tensor, bits: int, hadamard: bool, block_size: int, grad_mask: str, grid: str = "centered"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = QuantConfig(bits=bits, hadamard=hadamard, block_size=block_size, grad_mask=grad_mask)
+    config = QuantConfig(bits=bits, hadamard=hadamard, block_size=block_size, grad_mask=grad_mask, grid=grid)
     return _kernel_codes(x, config)
 
 
 @fake_quant_codes_op.register_fake
-def _(x, bits, hadamard, block_size, grad_mask):
+def _(x, bits, hadamard, block_size, grad_mask, grid="centered"):
     n_cols = x.shape[-1]
     n_rows = math.prod(x.shape[:-1])
     mask_shape = (0,) if grad_mask == "none" else (n_rows, (n_cols + 7) // 8)
@@ -181,7 +182,7 @@ def _(x, bits, hadamard, block_size, grad_mask):
 
 def _triton_quantize_codes(x: torch.Tensor, config: QuantConfig):
     if torch.compiler.is_compiling():
-        return fake_quant_codes_op(x, config.bits, config.hadamard, config.block_size, config.grad_mask)
+        return fake_quant_codes_op(x, config.bits, config.hadamard, config.block_size, config.grad_mask, config.grid)
     return _kernel_codes(x, config)
 
 
@@ -192,7 +193,8 @@ def _torch_quantize_codes(x: torch.Tensor, config: QuantConfig):
 
 def _triton_quantize(x: torch.Tensor, config: QuantConfig, rotate_back: bool = True):
     if torch.compiler.is_compiling():
-        return fake_quant_fwd_op(x, config.bits, config.hadamard, config.block_size, config.grad_mask, rotate_back)
+        return fake_quant_fwd_op(x, config.bits, config.hadamard, config.block_size, config.grad_mask, rotate_back,
+                                 config.grid)
     return _kernel_forward(x, config, rotate_back)
 
 

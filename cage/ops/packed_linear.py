@@ -36,5 +36,6 @@ def packed_linear(
     if config.hadamard and rotate_back:
         with torch.autocast(x.device.type, enabled=False):  # the rotation is fp32 by contract
             x_rows = naive.block_rotate(x_rows.to(naive.compute_dtype(x.dtype)), config.block_size).to(x.dtype)
-    y = _backend.kernels().packed_matmul(x_rows.contiguous(), packed, step, code_offset, config.bits, bias)
+    y = _backend.kernels().packed_matmul(x_rows.contiguous(), packed, step, code_offset, config.bits, bias,
+                                         level_offset=config.level_offset)
     return y.reshape(*x.shape[:-1], y.shape[-1])

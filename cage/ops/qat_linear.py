@@ -36,7 +36,6 @@ from . import fake_quant as _fq
 MATMULS = ("auto", "dequant", "int8", "int8-fused")
 # "auto" multiplies the dequantized operands until a GPU run shows the integer product faster.
 AUTO_MATMUL = "dequant"
-MAX_CODE_BITS = 7  # |C| <= 2**bits - 1 fits int8 while bits <= 7 (centered grid)
 INT32_MAX = 2**31 - 1
 
 
@@ -61,13 +60,13 @@ def int_mm_takes(m: int, k: int, n: int, device_type: str) -> bool:
 
 def codes_take(weight: QuantConfig | None, act: QuantConfig | None, k: int) -> bool:
     """Whether both operands have integer codes whose product is exact in int32: both quantized
-    at <= 7 bits, in the same basis (one block Hadamard on both, or neither rotated), and
-    ``k (L_x - 1)(L_w - 1) <= 2**31 - 1``."""
-    if weight is None or act is None or max(weight.bits, act.bits) > MAX_CODE_BITS:
+    with codes that fit int8 (7 bits on the centered grid, 8 on the integer one), in the same
+    basis (one block Hadamard on both, or neither rotated), and ``k max|C_x| max|C_w| <= 2**31 - 1``."""
+    if weight is None or act is None or not (weight.codes_fit_int8 and act.codes_fit_int8):
         return False
     same_basis = (weight.hadamard and act.hadamard and weight.block_size == act.block_size) or not (
         weight.hadamard or act.hadamard)
-    return same_basis and k * (weight.levels - 1) * (act.levels - 1) <= INT32_MAX
+    return same_basis and k * weight.max_code * act.max_code <= INT32_MAX
 
 
 def int8_product_takes(matmul: str, x: torch.Tensor, out_features: int, weight_dtype: torch.dtype, weight_quant,
