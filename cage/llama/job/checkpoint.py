@@ -10,16 +10,24 @@ moment the checkpoint counts; older folders are deleted after it. A DCP checkpoi
 any number of processes, one included (``--parallel none`` reads it, and from then on writes
 ``checkpoint.pt``); whichever format holds the later step is the run's checkpoint.
 
+Loading runs no code from the run folder: the single files load with ``torch.load(weights_only=True)``;
+a DCP folder's ``.metadata`` is read by an unpickler that knows only DCP's own metadata types
+(``torch.distributed.checkpoint`` itself uses plain ``pickle.load``), and its non-tensor items
+(the optimizer's ``param_groups``) with ``torch.load(weights_only=True)`` (DCP's planner: ``False``).
+A refusal is a :class:`CheckpointError` naming the file.
+
 Completion is one fact: the checkpoint carries the metrics of its step, ``completed`` included,
 and ``metrics.json`` is a copy of them (a resumed complete run rewrites a missing or stale copy).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import pickle
+import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,6 +45,32 @@ DCP_STATE = "state.pt"  # in DCP_DIR: everything but the model and optimizer
 METRICS = "metrics.json"
 
 PLOT = "loss.png"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is (unsafe, damaged or inconsistent); the message
+    names the file. A ValueError, so the CLI prints it as one line."""
+
+
+def _refusal(err: Exception) -> str:
+    """What torch's weights_only unpickler refused, in a few words."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it calls {found.group(1)}, which weights_only loading does not allow"
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return found.group(1).strip() if found else text.strip().splitlines()[0]
+
+
+def _torch_load(path: Path):
+    """``torch.load(path, weights_only=True)``, with a one-line CheckpointError when it refuses."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused: {_refusal(err)} (checkpoints load with torch.load(weights_only=True); "
+            "nothing from the file ran)"
+        ) from None
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -116,7 +150,7 @@ def remove_stale(out: Path, keep: str | None) -> None:
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (run without --resume first)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _torch_load(path)
 
 
 def find_checkpoint(out: Path) -> dict | None:
@@ -128,7 +162,7 @@ def find_checkpoint(out: Path) -> dict | None:
         found.append(((out / CHECKPOINT).stat().st_mtime, load_checkpoint(out / CHECKPOINT)))
     side = out / DCP_DIR / DCP_STATE
     if side.is_file():
-        found.append((side.stat().st_mtime, torch.load(side, map_location="cpu", weights_only=True)))
+        found.append((side.stat().st_mtime, _torch_load(side)))
     if not found:
         return None
     return max(found, key=lambda f: (f[1]["step"], f[0]))[1]
@@ -151,14 +185,13 @@ def restore_weights(out: Path, ckpt: dict, model, optimizer, parallel) -> None:
     """Load the checkpoint's model and optimizer state into this session's (a collective for
     a DCP checkpoint under torchrun; DCP reshards to any number of processes)."""
     if "dcp" in ckpt:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        folder = dcp_folder(out, ckpt)
+        metadata = read_dcp_metadata(folder)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-            dcp.load(state, checkpoint_id=str(out / DCP_DIR / ckpt["dcp"]), no_dist=not parallel.distributed)
+        _dcp_load(state, folder, metadata, _safe_dcp()["planner"](), distributed=parallel.distributed)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     elif parallel.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -198,11 +231,222 @@ def load_model_state(out: Path, ckpt: dict | None = None) -> dict | None:
         return None
     if "dcp" not in ckpt:
         return ckpt["model"]
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    folder = dcp_folder(out, ckpt)
+    metadata = read_dcp_metadata(folder)
+    state: dict = {}
+    # the model alone: the optimizer's items are never read
+    _dcp_load(state, folder, metadata, _safe_dcp()["empty_planner"](keys={"model"}), distributed=False)
+    if "model" not in state:
+        raise CheckpointError(f"{folder / '.metadata'}: the checkpoint holds no model")
+    return state["model"]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(out / DCP_DIR / ckpt["dcp"]), os.path.join(tmp, "full.pt"))
-        return torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True)["model"]
+
+# ---- reading a DCP folder without running code from it -----------------------------------
+
+METADATA = ".metadata"  # a DCP folder's index: a pickle
+
+
+def dcp_folder(out: Path, ckpt: dict) -> Path:
+    """The DCP folder that ``ckpt`` (the state file's contents) names, inside ``out/checkpoint/``."""
+    name = ckpt["dcp"]
+    if not isinstance(name, str) or not _plain_name(name):
+        raise CheckpointError(f"{out / DCP_DIR / DCP_STATE}: names the folder {name!r}, which is not one inside {out / DCP_DIR}")
+    return out / DCP_DIR / name
+
+
+def _plain_name(name: str) -> bool:
+    """A file name within its folder: no separator, not '.' or '..'."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+@functools.cache
+def _safe_dcp() -> dict:
+    """The restricted unpickler, reader and planners (built on first use: importing
+    torch.distributed.checkpoint takes time the other commands need not spend)."""
+    import pathlib
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import metadata as md
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    classes = (md.Metadata, md.MetadataIndex, md.StorageMeta, md.TensorProperties, md.TensorStorageMetadata,
+               md.BytesStorageMetadata, md.ChunkStorageMetadata, _StorageInfo)
+    callables = {
+        **{(c.__module__, c.__qualname__): c for c in classes},
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): md._MEM_FORMAT_ENCODING,
+        ("torch", "Size"): torch.Size,
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+        ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+        **{("pathlib", n): getattr(pathlib, n) for n in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")},
+    }
+    buildable = classes + (pathlib.PurePath, __import__("collections").OrderedDict)
+
+    class MetadataUnpickler(pickle._Unpickler):
+        """Plain data and DCP's metadata types; anything else (a function, another class, a
+        persistent id, a BUILD on a class) is an UnpicklingError before it is called."""
+
+        dispatch = dict(pickle._Unpickler.dispatch)
+
+        def find_class(self, module, name):
+            found = callables.get((module, name))
+            if found is None and module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                found = getattr(torch, name)
+            if found is None:
+                raise pickle.UnpicklingError(f"it calls {module}.{name}, which is not a DCP metadata type")
+            return found
+
+        def _build(self):
+            target = self.stack[-2]  # the object; the state is on top
+            if isinstance(target, type) or not isinstance(target, buildable):
+                raise pickle.UnpicklingError(f"it sets the state of a {type(target).__name__}, which is not a DCP metadata type")
+            pickle._Unpickler.load_build(self)
+
+        dispatch[pickle.BUILD[0]] = _build
+
+    class Reader(FileSystemReader):
+        """DCP's file reader (tensors load with weights_only=True) that hands over the metadata
+        read and checked beforehand instead of unpickling ``.metadata`` itself."""
+
+        def __init__(self, folder, metadata):
+            super().__init__(str(folder))
+            self._checked = metadata
+
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:
+                raise FileNotFoundError("only the folder's global .metadata is read")
+            if self._checked.storage_meta is None:
+                self._checked.storage_meta = md.StorageMeta()
+            self._checked.storage_meta.load_id = self.load_id
+            return self._checked
+
+    class SafeBytes:
+        """``load_bytes`` with ``torch.load(weights_only=True)`` (DCP's own: False); what it refuses
+        is recorded and raised once the load returns (an error inside DCP's read is wrapped)."""
+
+        refused: list
+
+        def load_bytes(self, read_item, value):
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001: the refusal is raised after the load
+                self.refused.append((read_item, err))
+                return
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    class Planner(SafeBytes, DefaultLoadPlanner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.refused = []
+
+    class EmptyPlanner(SafeBytes, _EmptyStateDictLoadPlanner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.refused = []
+
+    return {"unpickler": MetadataUnpickler, "reader": Reader, "planner": Planner, "empty_planner": EmptyPlanner,
+            "md": md, "storage_info": _StorageInfo}
+
+
+def read_dcp_metadata(folder: Path):
+    """The ``.metadata`` of a DCP folder, read without running code and checked: DCP's own types
+    only, every item in a file of this folder and within its size."""
+    path = folder / METADATA
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {METADATA} (not a complete DCP checkpoint)")
+    safe = _safe_dcp()
+    try:
+        with open(path, "rb") as f:
+            metadata = safe["unpickler"](f).load()
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused: {err} (DCP metadata is read with an unpickler that allows only its own "
+            "types; nothing from the file ran)"
+        ) from None
+    except Exception as err:  # noqa: BLE001: any other failure of a malformed pickle
+        raise CheckpointError(f"{path}: not a readable DCP metadata file ({type(err).__name__}: {err})") from None
+    _check_metadata(metadata, folder, path)
+    return metadata
+
+
+def _check_metadata(metadata, folder: Path, path: Path) -> None:
+    safe = _safe_dcp()
+    md, storage_info = safe["md"], safe["storage_info"]
+
+    def bad(what):
+        raise CheckpointError(f"{path}: {what}")
+
+    if not isinstance(metadata, md.Metadata):
+        bad(f"holds a {type(metadata).__name__}, not DCP Metadata")
+    items = metadata.state_dict_metadata
+    if not isinstance(items, dict) or not all(isinstance(k, str) for k in items):
+        bad("its state_dict_metadata is not a dict of names")
+    for fqn, entry in items.items():
+        if isinstance(entry, md.TensorStorageMetadata):
+            props = entry.properties
+            if not isinstance(props, md.TensorProperties) or not isinstance(props.dtype, torch.dtype):
+                bad(f"tensor {fqn!r} has no dtype")
+            if not isinstance(entry.size, torch.Size) or not isinstance(entry.chunks, list) or not all(
+                isinstance(c, md.ChunkStorageMetadata) and isinstance(c.offsets, torch.Size)
+                and isinstance(c.sizes, torch.Size) for c in entry.chunks
+            ):
+                bad(f"tensor {fqn!r} has a malformed size or chunk list")
+        elif not isinstance(entry, md.BytesStorageMetadata):
+            bad(f"item {fqn!r} is a {type(entry).__name__}")
+    mappings = metadata.planner_data
+    if mappings is not None and (not isinstance(mappings, dict) or not all(
+        k in mappings and isinstance(mappings[k], tuple) and all(isinstance(p, (str, int)) for p in mappings[k])
+        for k in items
+    )):
+        bad("its planner_data does not map every item to a key path")
+    storage = metadata.storage_data
+    if not isinstance(storage, dict):
+        bad("its storage_data is not a dict")
+    sizes: dict[str, int] = {}
+    for index, info in storage.items():
+        if not isinstance(index, md.MetadataIndex) or not isinstance(info, storage_info) or index.fqn not in items:
+            bad("its storage_data names an unknown item")
+        name = info.relative_path
+        if not isinstance(name, str) or not _plain_name(name):
+            bad(f"item {index.fqn!r} is stored at {name!r}, outside the checkpoint's folder")
+        if name not in sizes:
+            file = folder / name
+            if not file.is_file():
+                bad(f"item {index.fqn!r} is stored in {name}, which is missing")
+            sizes[name] = file.stat().st_size
+        if not (isinstance(info.offset, int) and isinstance(info.length, int) and 0 <= info.offset
+                and 0 <= info.length and info.offset + info.length <= sizes[name]):
+            bad(f"item {index.fqn!r} lies outside its file {name} ({sizes[name]} bytes)")
+        if info.transform_descriptors:
+            bad(f"item {index.fqn!r} is stored with transforms {info.transform_descriptors!r}, which cage does not read")
+
+
+def _dcp_load(state: dict, folder: Path, metadata, planner, distributed: bool) -> None:
+    """``torch.distributed.checkpoint`` load of ``state`` from ``folder`` through the safe reader
+    and ``planner``; an item the planner refused is a CheckpointError naming it and its file."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    reader = _safe_dcp()["reader"](folder, metadata)
+    if isinstance(planner, _safe_dcp()["empty_planner"]):
+        _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(state, storage_reader=reader, planner=planner, no_dist=not distributed)
+    if planner.refused:
+        item, err = planner.refused[0]
+        where = metadata.storage_data[item.storage_index].relative_path
+        raise CheckpointError(
+            f"{folder / where}: item {item.dest_index.fqn!r} refused: {_refusal(err)} (DCP items load "
+            "with torch.load(weights_only=True); nothing from the file ran)"
+        )
 
 
 def _checkpoint_threads(out: str | None) -> int | None:
