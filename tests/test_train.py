@@ -114,7 +114,9 @@ def test_resume_with_different_settings_is_an_error(tmp_path):
         train(dataclasses.replace(cfg, stop_after=None, resume=True))
 
 
-def test_nan_gradient_raises_a_clear_error(monkeypatch):
+def test_a_diverged_run_stops_with_a_clear_error(monkeypatch):
+    # every gradient norm is NaN: each step is skipped on the device (no host sync), and the run
+    # stops at the progress line where the last --max-skipped-steps (default 10) were all skipped
     real_build = build_mod.build_model
 
     def poisoned(cfg, device):
@@ -124,8 +126,12 @@ def test_nan_gradient_raises_a_clear_error(monkeypatch):
         return model, wq, aq
 
     monkeypatch.setattr(loop_mod, "build_model", poisoned)
-    with pytest.raises(FloatingPointError, match=r"step 1: the gradient norm is NaN or Inf.*not taken"):
-        train(TrainConfig(method="bf16", steps=3, **SMALL))
+    assert TrainConfig().max_skipped_steps == 10
+    with pytest.raises(FloatingPointError) as err:
+        train(TrainConfig(method="bf16", steps=30, log_every=1, **SMALL))
+    msg = str(err.value)
+    assert msg.startswith("step 10: the last 10 steps (1 to 10) were all skipped, their gradient norm NaN or Inf")
+    assert "try a lower --lr" in msg and msg.endswith("nothing was saved (no --out)") and "\n" not in msg
 
 
 def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):

@@ -88,6 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--eval-batches", type=int, help="batches per evaluation")
     opt("--eval-split", choices=SPLITS[1:], help="split of the periodic evaluations")
     opt("--log-every", type=int, help="steps between progress lines, >= 1 (default: steps/20)")
+    opt("--max-skipped-steps", type=int, help="a step whose gradient norm is NaN/Inf is skipped; stop the "
+        "run at the progress line where the last this many steps (>= 1) were all skipped")
     opt("--device", help=f"{DEVICES}")
     opt("--backend", choices=("auto", "torch", "triton"), help="quantizer/optimizer implementation")
     opt("--parallel", choices=PARALLEL_MODES, help="data parallelism over the processes of `torchrun "

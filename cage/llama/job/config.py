@@ -95,6 +95,9 @@ class TrainConfig:
     eval_batches: int = 8
     eval_split: str = "val"
     log_every: int | None = None  # None: about 20 lines per run
+    # a step whose gradient norm is NaN/Inf is skipped; once this many in a row were, the run stops
+    # (the host learns of skipped steps at progress lines and evaluations: it stops at the next)
+    max_skipped_steps: int = 10
     device: str = "auto"
     backend: str = "auto"
     threads: int | None = None  # None on CPU: choose_threads() (the idle cores), kept on resume
@@ -104,7 +107,7 @@ class TrainConfig:
     # Fields that may differ between a run and its resumption: they do not change the weights.
     RESUMABLE_CHANGES = (
         "out", "resume", "overwrite", "stop_after", "time_limit_min", "eval_every", "log_every", "device", "backend",
-        "threads", "verbose",
+        "threads", "verbose", "max_skipped_steps",
         # these change only the order in which the same gradients are summed
         "parallel", "grad_accum",
     )
@@ -135,7 +138,7 @@ class TrainConfig:
                 f"{FULL_PRECISION_BITS} leaves them unquantized: use --method quest, or --w-bits 1..8")
         if self.preset not in PRESETS:
             bad(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name in ("steps", "batch_size", "seq_len", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "max_skipped_steps"):
             positive_int(name)
         if self.time_limit_min is not None and not (self.time_limit_min > 0 and math.isfinite(self.time_limit_min)):
             bad(f"--time-limit must be a number of minutes > 0, got {self.time_limit_min}")

@@ -14,6 +14,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,16 +43,16 @@ def evaluate(model, data: TextData, split: str, n_batches: int, batch_size: int,
     par = parallel or Parallel()
     was_training = model.training
     model.eval()
-    total = 0.0
+    # summed on the device (float64, as Python's float summed the batch losses before) and
+    # read once at the end: one host read per evaluation, not one per batch
+    total = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     for x, y in data.eval_batches(split, n_batches, batch_size):
         x, y = par.eval_slice(x, y)
         with amp:
             _, loss = model(x.to(device), y.to(device))
-        total += loss.item()
+        total += loss.detach().to(total.dtype)
     model.train(was_training)
-    if par.world > 1:
-        total = float(par.mean(torch.tensor(total, dtype=torch.float64, device=device)))
-    return total / n_batches
+    return float(par.mean(total)) / n_batches
 
 
 def _fmt_time(seconds: float) -> str:
@@ -60,8 +61,69 @@ def _fmt_time(seconds: float) -> str:
 
 
 def _replicated(norm: torch.Tensor) -> torch.Tensor:
-    """The value of a gradient norm that FSDP2 returns as a DTensor."""
+    """The value of a gradient norm that FSDP2 returns as a DTensor (a collective, no host sync)."""
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def make_optimizer(cfg: TrainConfig, core: torch.nn.Module) -> CAGEAdamW:
+    """The run's optimizer. It checks no gradient itself (``check_finite=False``): ``train_step``
+    passes it the flag of the clip norm, so the gradients are read once for both, the same on
+    every device, and nothing is read back to the host."""
+    return CAGEAdamW(
+        qat_param_groups(core, cfg.weight_decay),
+        lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+        total_steps=cfg.steps, cage_lambda=cfg.optimizer_lambda, silence_ratio=cfg.silence_ratio,
+        schedule=cfg.schedule, coupling=cfg.coupling, backend=cfg.backend, check_finite=False,
+    )
+
+
+class StepValues(NamedTuple):
+    """What one training step leaves on the device until the next flush."""
+
+    loss: torch.Tensor  # mean training loss of this process's share of the global batch
+    grad_norm: torch.Tensor  # the gradient norm before clipping (replicated under FSDP2)
+    found_inf: torch.Tensor  # one element, 1.0: the norm is NaN/Inf and the step was skipped
+
+
+def nonfinite_flag(grad_norm: torch.Tensor) -> torch.Tensor:
+    """The one-element device flag of ``CAGEAdamW.step(found_inf=...)``: 1.0 when ``grad_norm``
+    is NaN or Inf (one gradient is), else 0.0."""
+    return (~torch.isfinite(grad_norm)).float().reshape(1)
+
+
+def train_step(model, optimizer, micro_batches, *, device, amp, grad_clip: float,
+               parallel: Parallel | None = None) -> StepValues:
+    """One optimizer step over ``micro_batches`` (this process's (x, y) pairs of one global
+    batch): forward and backward under ``amp``, gradients clipped to ``grad_clip``, and the
+    optimizer step, skipped on the device when the gradient norm is NaN/Inf (the step count
+    still advances). Reads nothing back to the host; returns the step's device values."""
+    par = parallel or Parallel()
+    loss_sum = None
+    for i, (xb, yb) in enumerate(micro_batches):
+        with par.gradient_sync(model, last=i == len(micro_batches) - 1):
+            with amp:
+                _, loss = model(xb.to(device), yb.to(device))
+            # equal micro-batches: the mean of their means is the batch mean
+            (loss / len(micro_batches) if len(micro_batches) > 1 else loss).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    step_loss = loss_sum / len(micro_batches) if len(micro_batches) > 1 else loss_sum
+    # the same clipping as with error_if_nonfinite=True, without its host read: a NaN/Inf norm
+    # is the flag instead (the grads it scales are then not used)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, error_if_nonfinite=False)
+    grad_norm = _replicated(grad_norm.detach())
+    found_inf = nonfinite_flag(grad_norm)
+    optimizer.step(found_inf=found_inf)
+    optimizer.zero_grad(set_to_none=True)
+    return StepValues(step_loss, grad_norm, found_inf)
+
+
+def skip_streak(skipped: list[int], step: int) -> int:
+    """How many of the steps up to ``step`` were skipped in a row (``skipped``: the skipped
+    step numbers, ascending)."""
+    n = 0
+    while n < len(skipped) and skipped[-1 - n] == step - n:
+        n += 1
+    return n
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -71,8 +133,13 @@ def train(cfg: TrainConfig) -> dict:
     have passed), it trains up to that step, checkpoints and returns
     metrics with ``completed: False``; resuming then gives bit-identical results to an
     uninterrupted run (same batches, same optimizer state, same order of operations, same
-    thread count). Raises FloatingPointError when a gradient is NaN/Inf (before that step is
-    taken). On SIGINT or SIGTERM it finishes the step, checkpoints and raises
+    thread count). A step whose gradient norm is NaN/Inf is skipped on the device (no host
+    sync: weights and moments keep their values, the step count advances); the host learns of
+    it at the next flush of the per-step values (progress line, evaluation), the step shows in
+    ``train_log.csv`` (``skipped``) and the metrics (``skipped_steps``, ``skipped_at``), and
+    once the last ``cfg.max_skipped_steps`` steps were all skipped the run raises
+    FloatingPointError there, without a checkpoint (it diverged: the message says whether one
+    exists and of which step). On SIGINT or SIGTERM it finishes the step, checkpoints and raises
     ``TrainingInterrupted`` (its message says how to resume). ``cfg.threads`` applies during
     the call only: torch's thread count is process-wide, and a sweep or the tests run several
     jobs in one process.
@@ -123,13 +190,9 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
     data = TextData(corpus, cfg.seq_len, cfg.seed)
     core, wq, aq = build_model(cfg, device)
     model = par.wrap(core, device)
-    optimizer = CAGEAdamW(
-        qat_param_groups(core, cfg.weight_decay),
-        lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-        total_steps=cfg.steps, cage_lambda=cfg.optimizer_lambda, silence_ratio=cfg.silence_ratio,
-        schedule=cfg.schedule, coupling=cfg.coupling, backend=cfg.backend,
-    )
-    history = {"evals": [], "train_loss": [], "wall_time_s": 0.0}
+    optimizer = make_optimizer(cfg, core)
+    # skipped: the numbers of the steps skipped for a NaN/Inf gradient norm
+    history = {"evals": [], "train_loss": [], "skipped": [], "wall_time_s": 0.0}
     step = 0
     ckpt = None
     committed = None  # the DCP folder of the checkpoint that counts
@@ -147,14 +210,16 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
         if ckpt["cuda_rng"] is not None and torch.cuda.is_available() and not par.distributed:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         step, history, committed = ckpt["step"], ckpt["history"], ckpt.get("dcp")
+        history.setdefault("skipped", [])  # a checkpoint from before steps were skipped
+    saved_step = step if cfg.resume else None  # the step of the run's last checkpoint
     if out is not None and par.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
     corpus_info = corpus.describe()  # hashes the corpus once
     env = environment(device)
     prior_wall_time = history["wall_time_s"]  # of earlier sessions of this run
-    # per step, kept on the device until a flush: (step, lr, lambda_t, loss, grad norm)
-    pending: list[tuple[int, float, float, torch.Tensor, torch.Tensor]] = []
+    # per step, kept on the device until a flush: (step, lr, lambda_t, the step's device values)
+    pending: list[tuple[int, float, float, StepValues]] = []
     n_params = count_params(core)
     n_quantized = sum(p.numel() for g in optimizer.param_groups if g["quant"] is not None for p in g["params"])
     stop = min(cfg.steps, cfg.stop_after or cfg.steps)
@@ -219,6 +284,8 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
             "dtype": dtype_name,
             "environment": env,
             "evals": history["evals"],
+            "skipped_steps": len(history["skipped"]),
+            "skipped_at": list(history["skipped"]),
             "wall_time_s": prior_wall_time + (time.perf_counter() - session_start),
         }
         if par.distributed:
@@ -227,24 +294,47 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
             m.update(final)
         return m
 
-    def flush(last_row: dict | None = None):
-        """Copy the pending per-step values to the host (one sync) and write their rows."""
+    # host time of the training steps (for ETA) and of those since the last progress line
+    # (tokens/s), including the wait for the device at the flush that follows them
+    train_time, trained_steps = 0.0, 0
+    interval_time, interval_steps = 0.0, 0
+
+    def flush(progress: bool = False) -> int:
+        """Copy the pending per-step values to the host (one copy: the only host sync of those
+        steps) and write their rows; ``progress``: a progress line's, with the throughput and
+        the grid distance. Returns how many of the steps were skipped; raises FloatingPointError
+        when the last ``cfg.max_skipped_steps`` steps were all skipped."""
+        nonlocal train_time, interval_time, interval_steps
         if not pending:
-            return
-        losses = par.mean(torch.stack([p[3] for p in pending])).float().cpu().tolist()
-        history["train_loss"].extend(losses)
-        norms = torch.stack([_replicated(p[4]) for p in pending]).float().cpu().tolist()
+            return 0
+        t0 = time.perf_counter()
+        losses = par.mean(torch.stack([v.loss for *_, v in pending])).float()
+        norms = torch.stack([v.grad_norm for *_, v in pending]).float()
+        flags = torch.stack([v.found_inf.reshape(()) for *_, v in pending]).float()
+        values = torch.stack([losses, norms, flags], 1).cpu().tolist()
+        waited = time.perf_counter() - t0  # on a GPU: the steps still queued when it began
+        train_time += waited
+        interval_time += waited
         rows = [
-            {"step": s, "loss": loss, "lr": lr, "lambda_t": lam, "grad_norm": norm}
-            for (s, lr, lam, _, _), loss, norm in zip(pending, losses, norms)
+            {"step": s, "loss": loss, "lr": lr, "lambda_t": lam, "grad_norm": norm, "skipped": int(flag != 0)}
+            for (s, lr, lam, _), (loss, norm, flag) in zip(pending, values)
         ]
-        if last_row:
-            rows[-1].update(last_row)
+        history["train_loss"].extend(r["loss"] for r in rows)
+        history["skipped"].extend(r["step"] for r in rows if r["skipped"])
+        if progress:
+            rows[-1]["tokens_per_s"] = tokens_per_step * interval_steps / interval_time
+            rows[-1]["weight_grid_distance"] = weight_grid_distance(optimizer, par)
+            interval_time, interval_steps = 0.0, 0
         records.write_rows(rows)
         pending.clear()
+        last = rows[-1]["step"]
+        streak = skip_streak(history["skipped"], last)
+        if streak >= cfg.max_skipped_steps:
+            raise FloatingPointError(_diverged_message(cfg, last, streak, out, saved_step, eval_every))
+        return sum(r["skipped"] for r in rows)
 
     def save(completed, final=None):
-        nonlocal committed
+        nonlocal committed, saved_step
         flush()
         m = metrics(completed, final)
         if out is not None:
@@ -259,6 +349,7 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
                                 corpus_info["sha256"], metrics=m)
             if par.is_main:
                 _write_metrics(out, m)
+        saved_step = step  # (without --out: the step whose state would have been saved)
         return m
 
     try:
@@ -266,39 +357,15 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
             log(f"step 0: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
 
         model.train()
-        train_time, trained_steps = 0.0, 0
-        interval_time, interval_steps = 0.0, 0
-        saved_step = step if cfg.resume else None
         while step < stop:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.steps, cfg.peak_lr, cfg.warmup_frac, cfg.final_lr_frac)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = data.train_batch(cfg.batch_size)  # the global batch, the same on every process
-            micro = par.micro_batches(x, y, cfg.grad_accum)
-            loss_sum = None
-            for i, (xb, yb) in enumerate(micro):
-                with par.gradient_sync(model, last=i == len(micro) - 1):
-                    with amp:
-                        _, loss = model(xb.to(device), yb.to(device))
-                    # equal micro-batches: the mean of their means is the batch mean
-                    (loss / len(micro) if len(micro) > 1 else loss).backward()
-                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-            step_loss = loss_sum / len(micro) if len(micro) > 1 else loss_sum
-            try:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, error_if_nonfinite=True)
-            except RuntimeError as err:
-                if "non-finite" not in str(err):
-                    raise
-                raise FloatingPointError(
-                    f"step {step + 1}: the gradient norm is NaN or Inf (loss {step_loss.item():.4g}); the step "
-                    f"was not taken. The run diverged or its input holds NaN/Inf: try a lower --lr "
-                    f"(now {cfg.peak_lr:g}) or --dtype fp32"
-                    + (f", or resume from the last checkpoint in {out}" if out else "")
-                ) from None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            pending.append((step + 1, lr, optimizer.lambda_at(step + 1), step_loss, grad_norm.detach()))
+            values = train_step(model, optimizer, par.micro_batches(x, y, cfg.grad_accum), device=device,
+                                amp=amp, grad_clip=cfg.grad_clip, parallel=par)
+            pending.append((step + 1, lr, optimizer.lambda_at(step + 1), values))
             step += 1
             dt = time.perf_counter() - t0
             train_time += dt
@@ -307,22 +374,21 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
             interval_steps += 1
 
             if step % log_every == 0 or step == stop:
-                grid = weight_grid_distance(optimizer, par)
-                flush({"tokens_per_s": tokens_per_step * interval_steps / interval_time,
-                       "weight_grid_distance": grid})
-                interval_time, interval_steps = 0.0, 0
+                skipped = flush(progress=True)
                 sec_per_step = train_time / trained_steps
                 log(
                     f"step {step}/{cfg.steps}  loss {history['train_loss'][-1]:.4f}  lr {lr:.3g}  "
                     f"lambda {optimizer.lambda_at(step):.3g}  "
                     f"{tokens_per_step / sec_per_step:,.0f} tok/s  "
-                    f"ETA {_fmt_time(sec_per_step * (stop - step))}",
+                    f"ETA {_fmt_time(sec_per_step * (stop - step))}"
+                    + (f"  skipped {skipped} step{'s' if skipped > 1 else ''} (NaN/Inf gradient norm)"
+                       if skipped else ""),
                     flush=True,
                 )
             if step % eval_every == 0 and step < cfg.steps:
+                flush()  # the steps' device time counts as theirs, not the evaluation's
                 log(f"step {step}: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
                 save(completed=False)
-                saved_step = step
             time_up = cfg.time_limit_min is not None and time.perf_counter() - session_start > 60 * cfg.time_limit_min
             signum = par.agreed_signal(stop_request.signum or (TIME_UP if time_up else 0))
             if signum == TIME_UP:  # every process stops after the same step
@@ -346,13 +412,33 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
         m = save(completed=True, final=final)
     finally:
         records.close()
+    n_skipped = len(history["skipped"])
     log(
         f"final held-out loss: test {final['final_test_loss']:.4f}, val {final['final_val_loss']:.4f} "
         f"(nats/byte) after {step} steps, {_fmt_time(m['wall_time_s'])}"
+        + (f" ({n_skipped} skipped for a NaN/Inf gradient norm)" if n_skipped else "")
         + (f"; wrote {out}/" if out else ""),
         flush=True,
     )
     return m
+
+
+def _diverged_message(cfg: TrainConfig, step: int, streak: int, out: Path | None, saved_step: int | None,
+                      eval_every: int) -> str:
+    """One line: the run stopped because its last ``streak`` steps were all skipped."""
+    first = step - streak + 1
+    if out is None:
+        where = "nothing was saved (no --out)"
+    elif saved_step is None:
+        where = f"{out} holds no checkpoint of this run (the first is written at step {eval_every})"
+    else:
+        where = (f"the last checkpoint in {out} is of step {saved_step}"
+                 + (" (taken during the skipped steps)" if saved_step >= first else ""))
+    return (
+        f"step {step}: the last {streak} steps ({first} to {step}) were all skipped, their gradient norm "
+        f"NaN or Inf (--max-skipped-steps {cfg.max_skipped_steps}); the run stopped. It diverged or its input "
+        f"holds NaN/Inf: try a lower --lr (now {cfg.peak_lr:g}) or --dtype fp32; {where}"
+    )
 
 
 def _interrupted(signum: int, step: int, cfg: TrainConfig, out: Path | None, par: Parallel) -> TrainingInterrupted:

@@ -4,7 +4,9 @@ installed, TensorBoard event files in ``tensorboard/``.
 ``train_log.csv`` has one row per optimizer step, with the columns of ``COLUMNS``:
 
 - ``step`` (1-based), ``loss`` (training loss of the step's global batch, nats/byte), ``lr``,
-  ``lambda_t`` (the CAGE lambda of the step), ``grad_norm`` (the gradient norm before clipping);
+  ``lambda_t`` (the CAGE lambda of the step), ``grad_norm`` (the gradient norm before clipping),
+  ``skipped`` (1: the norm was NaN/Inf and the step was skipped, weights and moments unchanged;
+  0: taken; empty in rows written before the column existed);
 - ``tokens_per_s`` and ``weight_grid_distance``: only on the rows of logging steps (every
   ``--log-every`` steps), empty elsewhere. ``tokens_per_s`` is the mean throughput since the
   previous logging step; ``weight_grid_distance`` is ``||W - Q(W)|| / ||W||`` over all quantized
@@ -33,7 +35,7 @@ TRAIN_LOG = "train_log.csv"
 
 TENSORBOARD_DIR = "tensorboard"
 
-COLUMNS = ("step", "loss", "lr", "lambda_t", "grad_norm", "tokens_per_s", "weight_grid_distance")
+COLUMNS = ("step", "loss", "lr", "lambda_t", "grad_norm", "skipped", "tokens_per_s", "weight_grid_distance")
 
 
 def tensorboard_available() -> bool:
