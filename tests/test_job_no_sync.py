@@ -1,13 +1,14 @@
 """The training job reads nothing back to the host in a training step, with the settings it
 uses on a GPU; a NaN/Inf gradient norm skips the step on the device and the host learns of it at
 the next flush (a run whose last --max-skipped-steps steps were all skipped stops there); an
-evaluation reads the host once.
+evaluation reads the host once; a CUDA run makes its device the current one.
 
 Host reads are caught two ways, as in test_no_sync.py: (a) a TorchDispatchMode counts
 ``aten._local_scalar_dense`` (what ``.item()``, ``bool()``, ``float()`` and ``int()`` of a tensor
 dispatch to); (b) the step runs on the ``meta`` device, where ``.item()``, ``.tolist()``,
 ``.cpu()`` and ``bool()`` raise. The Triton launches are stubbed (a kernel reads nothing back;
 under the interpreter it would run on the host): what is checked is the host code around them.
+CUDA is mocked where the device choice is tested (no GPU here).
 """
 
 import csv
@@ -265,3 +266,57 @@ def test_max_skipped_steps_is_a_positive_integer(value):
     with pytest.raises(ValueError, match="--max-skipped-steps must be an integer >= 1"):
         TrainConfig(max_skipped_steps=value, **SMALL).validate()
     assert "max_skipped_steps" in TrainConfig.RESUMABLE_CHANGES  # it changes no weight
+
+
+# ---- the device of a CUDA run (CUDA mocked)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    calls = {"set_device": [], "current": 1}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: calls["current"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls["set_device"].append(torch.device(d)))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    return calls
+
+
+def test_a_single_process_cuda_run_makes_its_device_current(fake_cuda):
+    par, device = dist_mod.setup(TrainConfig(device="cuda:1"))
+    assert not par.distributed and device == torch.device("cuda", 1)
+    assert fake_cuda["set_device"] == [torch.device("cuda", 1)]
+    fake_cuda["set_device"].clear()
+    _, device = dist_mod.setup(TrainConfig(device="cuda"))  # the current device, named
+    assert device == torch.device("cuda", 1) and fake_cuda["set_device"] == [device]
+
+
+def test_a_cpu_run_sets_no_cuda_device(fake_cuda):
+    _, device = dist_mod.setup(TrainConfig(device="cpu"))
+    assert device == torch.device("cpu") and fake_cuda["set_device"] == []
+
+
+def test_under_torchrun_each_process_takes_cuda_local_rank(fake_cuda, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist_mod._distributed_device("cuda") == torch.device("cuda", 1)
+    assert fake_cuda["set_device"] == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("local_rank", ["2", "7"])
+def test_a_local_rank_past_the_gpu_count_is_one_clear_error(fake_cuda, monkeypatch, local_rank):
+    for k, v in {"WORLD_SIZE": "8", "RANK": local_rank, "LOCAL_RANK": local_rank, "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError) as err:
+        dist_mod.setup(TrainConfig(parallel="ddp", device="cuda"))
+    msg = str(err.value)
+    assert msg.startswith(f"LOCAL_RANK={local_rank}: ") and "2 CUDA device(s)" in msg and "\n" not in msg
+    assert fake_cuda["set_device"] == []  # before any device is touched or a process group started
+
+
+def test_a_local_rank_that_is_not_a_number_is_refused(fake_cuda, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "one")
+    with pytest.raises(ValueError, match="LOCAL_RANK must be an integer >= 0"):
+        dist_mod._distributed_device("cuda")

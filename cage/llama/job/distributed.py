@@ -146,9 +146,21 @@ def _env_world_size() -> int:
         raise ValueError(f"WORLD_SIZE must be an integer (torchrun sets it), got {os.environ['WORLD_SIZE']!r}") from None
 
 
+def _local_rank() -> int:
+    value = os.environ.get("LOCAL_RANK", "0")
+    try:
+        rank = int(value)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        raise ValueError(f"LOCAL_RANK must be an integer >= 0 (torchrun sets it), got {value!r}")
+    return rank
+
+
 def _distributed_device(cfg_device: str) -> torch.device:
-    """This process's device: ``cuda:LOCAL_RANK`` when the run is on CUDA, else the CPU."""
-    from .machine import resolve_device
+    """This process's device: ``cuda:LOCAL_RANK`` when the run is on CUDA (made the current
+    device), else the CPU."""
+    from .machine import resolve_device, use_device
 
     device = resolve_device(cfg_device)
     if device.type == "cuda":
@@ -156,15 +168,22 @@ def _distributed_device(cfg_device: str) -> torch.device:
             raise ValueError(
                 f"--device {cfg_device}: under torchrun each process takes cuda:LOCAL_RANK; give --device cuda or auto"
             )
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+        local_rank, count = _local_rank(), torch.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(
+                f"LOCAL_RANK={local_rank}: this process would take cuda:{local_rank}, but this machine has "
+                f"{count} CUDA device(s) (cuda:0 to cuda:{count - 1}); start at most {count} processes per "
+                f"node (torchrun --nproc-per-node {count}) or make more visible (CUDA_VISIBLE_DEVICES)"
+            )
+        device = use_device(torch.device("cuda", local_rank))
     return device
 
 
 def setup(cfg: TrainConfig) -> tuple[Parallel, torch.device]:
     """This process's part in the run and its device; starts the process group from torchrun's
-    environment when ``cfg.parallel`` asks for one. Checks the layout before any work."""
-    from .machine import resolve_device
+    environment when ``cfg.parallel`` asks for one. Checks the layout before any work. A CUDA
+    device becomes the current one, so launches and allocations without a device go there."""
+    from .machine import resolve_device, use_device
 
     world = _env_world_size()
     if cfg.parallel == "none":
@@ -173,7 +192,7 @@ def setup(cfg: TrainConfig) -> tuple[Parallel, torch.device]:
                 f"--parallel none: this is one of WORLD_SIZE={world} processes (torchrun), and each would "
                 "train the whole job into the same --out; give --parallel ddp or --parallel fsdp2"
             )
-        return Parallel(), resolve_device(cfg.device)
+        return Parallel(), use_device(resolve_device(cfg.device))
     dist = _dist()
     if not dist.is_available():
         raise ValueError(f"--parallel {cfg.parallel}: this torch build has no torch.distributed")

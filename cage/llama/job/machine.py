@@ -74,6 +74,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_device(device: torch.device) -> torch.device:
+    """Make a CUDA ``device`` the current one (``torch.cuda.set_device``: what runs without an
+    explicit device, Triton launches and the caching allocator's default, goes there, so
+    ``--device cuda:1`` runs on cuda:1), with its index filled in; other devices as they are."""
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if dtype == "bf16":
