@@ -6,7 +6,9 @@ read back with ``weights_only=True``. Either is recognised on load by its first 
 holds the format version, every quantized (or activation-only QAT) layer's name, shape and
 QuantConfigs (:func:`cage.convert.layer_spec`), and a free ``extra`` dict for the application
 (for example the model's shape). Loading checks the file against the model and names the first
-layer or tensor that differs; nothing is reinterpreted.
+layer or tensor that differs; nothing is reinterpreted. The whole file is checked (its structure,
+every layer spec, every tensor's name, dtype and shape) before the model changes at all, and a
+load that fails after that puts the model's layers back.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .backend import check_backend_name
 from .convert import QuantizedLinear, layer_from_spec, layer_spec, set_module, spec_differences
 from .linear import QATLinear
 
@@ -162,7 +167,47 @@ def _check_header(header, path) -> dict:
         raise ValueError(
             f"{path}: format version {header.get('version')!r}; this cage reads version {FORMAT_VERSION}"
         )
+    layers = header.get("layers")
+    if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in layers.items()):
+        raise ValueError(f"{path}: the header's 'layers' is not a dict of layer specs")
+    if not isinstance(header.get("extra", {}), dict):
+        raise ValueError(f"{path}: the header's 'extra' is not a dict")
     return header
+
+
+def _parse_header(text, path) -> dict:
+    if not isinstance(text, str):
+        raise ValueError(f"{path}: the {HEADER_KEY!r} header is a {type(text).__name__}, not JSON text")
+    try:
+        return _check_header(json.loads(text), path)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the {HEADER_KEY!r} header is not valid JSON ({err})") from None
+
+
+def _check_tensor_dict(tensors, path) -> dict:
+    """``tensors`` is a dict of names to tensors, or a ValueError naming the file."""
+    if tensors is None:
+        raise ValueError(f"{path}: the archive has no 'tensors'")
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{path}: the archive's 'tensors' is a {type(tensors).__name__}, not a dict")
+    for key, t in tensors.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{path}: tensor name {key!r} is not a string")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{path}: {key!r} is a {type(t).__name__}, not a tensor")
+    return tensors
+
+
+def _torch_archive(path):
+    """``torch.load(path, weights_only=True)`` with one-line errors for a refused or unreadable file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"it calls {found.group(1)}, which weights_only loading does not allow" if found else str(err).splitlines()[0]
+        raise ValueError(f"{path}: refused: {what} (torch archives load with weights_only=True; nothing from the file ran)") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: not a readable torch archive ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def _read(path, tensors: bool) -> tuple[dict, dict | None]:
@@ -172,10 +217,11 @@ def _read(path, tensors: bool) -> tuple[dict, dict | None]:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == _ZIP_MAGIC:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = _torch_archive(path)
         if not isinstance(blob, dict) or HEADER_KEY not in blob:
             raise ValueError(f"{path}: not a cage quantized model file (a torch archive without a {HEADER_KEY!r} header)")
-        return _check_header(json.loads(blob[HEADER_KEY]), path), (blob.get("tensors") if tensors else None)
+        header = _parse_header(blob[HEADER_KEY], path)
+        return header, (_check_tensor_dict(blob.get("tensors"), path) if tensors else None)
     if not safetensors_installed():
         raise ValueError(
             f"{path}: not a torch.save archive; if it is a safetensors file, install safetensors (pip install safetensors)"
@@ -187,7 +233,7 @@ def _read(path, tensors: bool) -> tuple[dict, dict | None]:
             meta = f.metadata() or {}
             if HEADER_KEY not in meta:
                 raise ValueError(f"{path}: not a cage quantized model file (no {HEADER_KEY!r} metadata)")
-            header = _check_header(json.loads(meta[HEADER_KEY]), path)
+            header = _parse_header(meta[HEADER_KEY], path)
             data = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
     except SafetensorError as err:
         raise ValueError(f"{path}: not a readable safetensors file: {err}") from None
@@ -203,7 +249,7 @@ def _module_spec_for_compare(module: nn.Module, spec: dict) -> dict:
     """The fields of ``spec`` that ``module`` (a plain nn.Linear, QATLinear or QuantizedLinear) pins."""
     if isinstance(module, (QuantizedLinear, QATLinear)):
         mine = layer_spec(module)
-        if isinstance(module, QATLinear) and spec["kind"] == "quantized":
+        if isinstance(module, QATLinear) and spec.get("kind") == "quantized":
             mine["kind"] = "quantized"  # a prepared skeleton is converted per the file
         return mine
     return {
@@ -212,9 +258,9 @@ def _module_spec_for_compare(module: nn.Module, spec: dict) -> dict:
     }
 
 
-def _rebuild_layers(header: dict, model: nn.Module, path, backend: str) -> list[tuple[str, nn.Module]]:
-    """Check every layer against the file, then swap in the layers the file needs; return the
-    ``(name, replaced module)`` pairs, so that a failed load can put them back."""
+def _plan_layers(header: dict, model: nn.Module, path, backend: str) -> list[tuple[str, nn.Module, nn.Module]]:
+    """Check every layer against the file and build (not yet swap in) the layers the file needs;
+    return ``(name, the model's module, its replacement)`` triples. The model is not changed."""
     file_layers = header["layers"]
     swaps = []
     for name in quantized_layers(model):
@@ -222,9 +268,11 @@ def _rebuild_layers(header: dict, model: nn.Module, path, backend: str) -> list[
             raise ValueError(f"{path}: the model's quantized layer {name!r} is not in the file")
     for name, spec in file_layers.items():
         try:
-            module = model.get_submodule(name)
+            module = model.get_submodule(name) if name else None
         except AttributeError:
-            raise ValueError(f"{path}: the file's layer {name!r} does not exist in the model") from None
+            module = None
+        if module is None:
+            raise ValueError(f"{path}: the file's layer {name!r} does not exist in the model")
         if not isinstance(module, nn.Linear) and not isinstance(module, QuantizedLinear):
             raise ValueError(f"{path}: layer {name!r} is a {type(module).__name__} in the model, not a linear layer")
         mine = _module_spec_for_compare(module, spec)
@@ -232,18 +280,35 @@ def _rebuild_layers(header: dict, model: nn.Module, path, backend: str) -> list[
         if diffs:
             raise ValueError(f"{path}: layer {name!r}: " + "; ".join(diffs))
         plain = isinstance(module, nn.Linear) and not isinstance(module, QATLinear)
-        if plain or (isinstance(module, QATLinear) and spec["kind"] == "quantized"):
+        if plain or (isinstance(module, QATLinear) and spec.get("kind") == "quantized"):
             keep_backend = getattr(module, "backend", backend)
-            swaps.append((name, module, layer_from_spec(spec, name, device=module.weight.device, backend=keep_backend)))
-    for name, _, new in swaps:
-        set_module(model, name, new)
-    return [(name, old) for name, old, _ in swaps]
+            try:
+                new = layer_from_spec(spec, name, device=module.weight.device, backend=keep_backend)
+            except KeyError as err:
+                raise ValueError(f"{path}: layer {name!r}: the spec has no {err.args[0]!r}") from None
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}: {err}" if str(err).startswith("layer ") else f"{path}: layer {name!r}: {err}") from None
+            swaps.append((name, module, new))
+    return swaps
 
 
-def check_tensors(tensors: dict, model: nn.Module, path) -> None:
+def _state_after(model: nn.Module, swaps) -> dict[str, torch.Tensor]:
+    """The state dict ``model`` would have with ``swaps`` made (nothing is swapped)."""
     state = model.state_dict()
+    for name, _, new in swaps:
+        prefix = f"{name}."
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        state.update({prefix + k: v for k, v in new.state_dict().items()})
+    return state
+
+
+def check_tensors(tensors: dict, model, path) -> None:
+    """``tensors`` has exactly ``model``'s state (a module or a state dict): names, dtypes and
+    shapes (only those are read: meta tensors do); else a ValueError naming the first difference."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
     missing = sorted(set(state) - set(tensors))
-    unexpected = sorted(set(tensors) - set(state))
+    unexpected = sorted(set(tensors) - set(state), key=str)
     if missing:
         raise ValueError(f"{path}: the model has tensors the file lacks: {missing[:5]}")
     if unexpected:
@@ -264,17 +329,20 @@ def load_quantized(path, model: nn.Module, *, backend: str = "auto") -> nn.Modul
     ``model`` is a skeleton of the same architecture: plain (its linear layers are replaced as
     the file says), prepared (its QATLinear layers must carry the file's QuantConfigs and are
     converted) or converted (its layers must match the file). Any difference of layer, shape,
-    dtype or QuantConfig is a ValueError that names the layer or tensor and the field.
-    ``backend`` is the activation quantizer's backend of layers that the load creates from
-    plain linears.
+    dtype or QuantConfig, and any malformed part of the file, is a ValueError that names the file
+    and the layer or tensor; it is found before the model changes. ``backend`` is the activation
+    quantizer's backend of layers that the load creates from plain linears.
     """
+    check_backend_name(backend, "load_quantized")
     header, tensors = _read(path, tensors=True)
-    replaced = _rebuild_layers(header, model, path, backend)
+    swaps = _plan_layers(header, model, path, backend)
+    check_tensors(tensors, _state_after(model, swaps), path)
+    for name, _, new in swaps:
+        set_module(model, name, new)
     try:
-        check_tensors(tensors, model, path)
-    except ValueError:
-        for name, old in replaced:  # a failed load leaves the model as it was
+        model.load_state_dict(tensors, strict=True)
+    except BaseException:
+        for name, old, _ in swaps:  # a failed load leaves the model's layers as they were
             set_module(model, name, old)
         raise
-    model.load_state_dict(tensors, strict=True)
     return model
