@@ -66,7 +66,7 @@ def quantize_to_codes(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tenso
     x_h = w.to(naive.compute_dtype(w.dtype)).contiguous()  # as naive.quantize
     if config.hadamard:
         x_h = naive.block_rotate(x_h, config.block_size)
-    s = naive.row_scale(x_h, config)
+    s = naive.row_scale(x_h, config, naive.scale_cap(w.dtype))  # as naive.quantize
     level, _ = naive.grid_level(x_h, s, config)
     return (level + config.level_offset + _code_offset(config)).to(torch.uint8), s
 

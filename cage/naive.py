@@ -51,9 +51,35 @@ def block_rotate(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], n // block_size, block_size) @ h).reshape(x.shape)
 
 
-def row_scale(x_h: torch.Tensor, config: QuantConfig) -> torch.Tensor:
-    """``s = alpha(b) * rms(row)``, shape ``[..., 1]``."""
-    return config.alpha * torch.sqrt(x_h.square().mean(dim=-1, keepdim=True) + RMS_EPS)
+def power_of_two_scale(x_h: torch.Tensor) -> torch.Tensor:
+    """``2**-e`` per row ``[..., 1]`` with ``2**(e-1) <= max|x| < 2**e`` (``torch.frexp``), and 1 for
+    a row whose largest magnitude is zero, subnormal, inf or NaN. Multiplying by it is exact."""
+    amax = x_h.abs().amax(dim=-1, keepdim=True)
+    _, exponent = torch.frexp(amax)
+    normal = torch.isfinite(amax) & (amax >= torch.finfo(x_h.dtype).tiny)
+    return torch.where(normal, torch.ldexp(torch.ones_like(amax), -exponent), torch.ones_like(amax))
+
+
+def row_scale(x_h: torch.Tensor, config: QuantConfig, cap: float | None = None) -> torch.Tensor:
+    """``s = alpha(b) * rms(row)``, shape ``[..., 1]``.
+
+    The mean square is taken of the row scaled by a power of two (:func:`power_of_two_scale`),
+    so squares neither overflow (a 1.85e19 element in a 128-wide fp32 row did) nor underflow,
+    and the result is scaled back exactly: for every row whose largest element is in the
+    dtype's normal range this is bit for bit ``alpha * sqrt(mean(x**2))``, and ``s(c x) = c s(x)``
+    exactly for powers of two ``c`` (to rounding for others). ``RMS_EPS`` is added in the
+    scaled domain, where the mean square is at least ``1 / (4 n)`` for any nonzero row: it
+    only keeps an all-zero row off a zero scale. ``cap`` (the largest finite value of an
+    output dtype, fp16's 65504) bounds s so that the outermost levels stay finite there."""
+    f = power_of_two_scale(x_h)
+    s = config.alpha * torch.sqrt((x_h * f).square().mean(dim=-1, keepdim=True) + RMS_EPS) / f
+    return s if cap is None else torch.clamp(s, max=cap)
+
+
+def scale_cap(dtype: torch.dtype) -> float | None:
+    """The largest clip point whose levels an output of ``dtype`` holds: fp16's range is the one
+    a row's ``alpha * rms`` can leave while its elements are finite."""
+    return torch.finfo(dtype).max if dtype == torch.float16 else None
 
 
 def grid_level(x_h: torch.Tensor, s: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,12 +101,12 @@ def round_to_grid(x_h: torch.Tensor, s: torch.Tensor, config: QuantConfig) -> to
     return level * step
 
 
-def quantize_rotated(x_h: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rotated(x_h: torch.Tensor, config: QuantConfig, cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round ``x_h`` (already rotated, full precision) to the grid; return ``(q_h, mask)``.
 
     The mask is the straight-through mask of ``config.grad_mask``, in the rotated domain.
     """
-    s = row_scale(x_h, config)
+    s = row_scale(x_h, config, cap)
     q_h = round_to_grid(x_h, s, config)
     if config.grad_mask == "none":
         mask = torch.ones_like(x_h, dtype=torch.bool)
@@ -108,7 +134,7 @@ def quantize(x: torch.Tensor, config: QuantConfig, rotate_back: bool = True):
     x_h = x.to(compute_dtype(x.dtype)).contiguous()  # layout must not change the rounding
     if config.hadamard:
         x_h = block_rotate(x_h, config.block_size)
-    q, mask = quantize_rotated(x_h, config)
+    q, mask = quantize_rotated(x_h, config, scale_cap(x.dtype))
     if config.hadamard and rotate_back:
         q = block_rotate(q, config.block_size)
     return q.to(x.dtype), mask
@@ -127,8 +153,9 @@ def quantize_codes(x: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, 
     x_h = x.to(compute_dtype(x.dtype)).contiguous()
     if config.hadamard:
         x_h = block_rotate(x_h, config.block_size)
-    _, mask = quantize_rotated(x_h, config)
-    level, step = grid_level(x_h, row_scale(x_h, config), config)
+    cap = scale_cap(x.dtype)
+    _, mask = quantize_rotated(x_h, config, cap)
+    level, step = grid_level(x_h, row_scale(x_h, config, cap), config)
     multiple = 1 if config.grid == "integer" else 2  # centered levels are half-integers
     return (multiple * level).to(torch.int8), (step / multiple).squeeze(-1).to(torch.float32), mask
 

@@ -43,11 +43,11 @@ from .fake_quant import check_quantizer_args, step_divisor
 from .hadamard import load_rotation, load_rotation_args
 from .launch import Launch
 from .quant_math import (
+    add_scaled_squares,
     chunk_offsets,
-    compensated_add,
     quantize_chunk,
     row_scale,
-    row_sum_squares,
+    scaled_sum_squares,
     store_rounded,
     sweep_sum_squares,
 )
@@ -129,7 +129,8 @@ def _step_chunk(
     g = _load_grad(grad_ptr, offsets, in_bounds, grad_scale, UNSCALE_GRAD)
     if CAGE and COUPLED:
         if SCALE_FROM_CHUNK:
-            scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
+            sum_squares, power = scaled_sum_squares(x)
+            scale = row_scale(sum_squares, power, n_cols, alpha, rms_eps)
         q, keep = quantize_chunk(
             x, rot, scale, inv_sqrt_block, step_divisor, 0.0, 0.0, BLOCK_ROWS, TILES, ROT_WIDTH,
             HADAMARD, True, False, X_SPLIT, INTEGER_GRID,
@@ -141,7 +142,8 @@ def _step_chunk(
     if CAGE and not COUPLED:
         x = tl.where(in_bounds, x, 0.0)  # padding lanes must not reach the row sum or the dot
         if SCALE_FROM_CHUNK:
-            scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
+            sum_squares, power = scaled_sum_squares(x)
+            scale = row_scale(sum_squares, power, n_cols, alpha, rms_eps)
         x = _decoupled_correction(
             x, rot, scale, inv_sqrt_block, step_divisor, cage_step, BLOCK_ROWS, TILES, ROT_WIDTH, HADAMARD,
             INTEGER_GRID,
@@ -214,8 +216,8 @@ def _adamw_cage_kernel(
         )
     elif COUPLED:
         # sweep 1: the row sums of squares of x before the step
-        scale = row_scale(sweep_sum_squares(param_ptr, rows, row_ok, n_cols, BLOCK_ROWS, TILES, ROT_WIDTH),
-                          n_cols, alpha, rms_eps)
+        sum_squares, power = sweep_sum_squares(param_ptr, rows, row_ok, n_cols, BLOCK_ROWS, TILES, ROT_WIDTH)
+        scale = row_scale(sum_squares, power, n_cols, alpha, rms_eps)
         # sweep 2: the whole step, chunk by chunk, with the row scale known
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
@@ -230,6 +232,8 @@ def _adamw_cage_kernel(
         # sweep 1: the moments, and the row sums of squares of the AdamW-updated weights
         sum_squares = tl.zeros((BLOCK_ROWS,), tl.float32)
         compensation = tl.zeros((BLOCK_ROWS,), tl.float32)
+        power = tl.zeros((BLOCK_ROWS,), tl.float32) + 1.0
+        row_max = tl.zeros((BLOCK_ROWS,), tl.float32)
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
             x = tl.load(param_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
@@ -237,10 +241,10 @@ def _adamw_cage_kernel(
             m, v = _update_moments(g, exp_avg_ptr, exp_avg_sq_ptr, offsets, in_bounds, beta1_weight, beta2,
                                    one_minus_beta2, LERP_SMALL_WEIGHT)
             x = _adamw_param(x, m, v, decay_factor, neg_step_size, bias_correction2_sqrt, eps)
-            sum_squares, compensation = compensated_add(
-                sum_squares, compensation, row_sum_squares(tl.where(in_bounds, x, 0.0))
+            sum_squares, compensation, power, row_max = add_scaled_squares(
+                sum_squares, compensation, power, row_max, tl.where(in_bounds, x, 0.0)
             )
-        scale = row_scale(sum_squares, n_cols, alpha, rms_eps)
+        scale = row_scale(sum_squares, power, n_cols, alpha, rms_eps)
         # sweep 2: the same updated weights again from p and the new moments, then Q
         for col_start in range(0, n_cols, CHUNK_WIDTH):
             offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)

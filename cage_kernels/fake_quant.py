@@ -33,7 +33,7 @@ from .quant_math import (
     pack_mask_bits,
     quantize_chunk,
     row_scale,
-    row_sum_squares,
+    scaled_sum_squares,
     store_rounded,
     sweep_sum_squares,
 )
@@ -85,7 +85,7 @@ def _code_scale(scale, step_divisor, INTEGER_GRID: tl.constexpr):
 def _fake_quant_fwd_kernel(
     x_ptr, q_ptr, mask_ptr, rot_ptr, half_step_ptr,
     n_rows, n_cols, row_bytes,
-    alpha, step_divisor, inv_sqrt_block, mask_center, mask_radius, rms_eps,
+    alpha, step_divisor, inv_sqrt_block, mask_center, mask_radius, rms_eps, scale_cap,
     BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr, ROT_WIDTH: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr, HADAMARD: tl.constexpr,
     ROTATE_BACK: tl.constexpr, STORE_MASK: tl.constexpr, X_SPLIT: tl.constexpr, EMIT_CODES: tl.constexpr,
@@ -102,7 +102,8 @@ def _fake_quant_fwd_kernel(
     if SINGLE_CHUNK:
         offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, 0, TILES, ROT_WIDTH)
         x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        scale = row_scale(row_sum_squares(x), n_cols, alpha, rms_eps)
+        sum_squares, power = scaled_sum_squares(x)
+        scale = tl.minimum(row_scale(sum_squares, power, n_cols, alpha, rms_eps), scale_cap)
         if EMIT_CODES:
             tl.store(half_step_ptr + rows, _code_scale(scale, step_divisor, INTEGER_GRID), mask=row_ok)
         _quantize_store_chunk(
@@ -112,8 +113,8 @@ def _fake_quant_fwd_kernel(
         )
     else:
         # sweep 1: the rows' sums of squares; sweep 2 re-reads the row block from L2
-        scale = row_scale(sweep_sum_squares(x_ptr, rows, row_ok, n_cols, BLOCK_ROWS, TILES, ROT_WIDTH),
-                          n_cols, alpha, rms_eps)
+        sum_squares, power = sweep_sum_squares(x_ptr, rows, row_ok, n_cols, BLOCK_ROWS, TILES, ROT_WIDTH)
+        scale = tl.minimum(row_scale(sum_squares, power, n_cols, alpha, rms_eps), scale_cap)
         if EMIT_CODES:
             tl.store(half_step_ptr + rows, _code_scale(scale, step_divisor, INTEGER_GRID), mask=row_ok)
         for col_start in range(0, n_cols, CHUNK_WIDTH):
@@ -213,8 +214,14 @@ def forward_launch(x, q, mask, rot, n_rows, n_cols, *, levels, alpha, hadamard, 
                                     integer_grid)
     args = (x, q, mask, rot, half_step if half_step is not None else mask, n_rows, n_cols, mask_bytes_per_row(n_cols),
             alpha, step_divisor(levels, integer_grid), 1.0 / block_size**0.5 if hadamard else 1.0,
-            1.0 if mask_mode == MASK_TRUST else 0.0, mask_radius, rms_eps)
+            1.0 if mask_mode == MASK_TRUST else 0.0, mask_radius, rms_eps, scale_cap(dtype_of(x)))
     return launch, args
+
+
+def scale_cap(dtype: torch.dtype) -> float:
+    """The largest clip point whose levels an output of ``dtype`` holds (fp16: 65504; others:
+    no bound). As ``cage.naive.scale_cap``."""
+    return float(torch.finfo(dtype).max) if dtype == torch.float16 else float("inf")
 
 
 @functools.lru_cache(maxsize=4096)

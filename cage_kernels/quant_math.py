@@ -62,24 +62,64 @@ def compensated_add(total, compensation, value):
 
 
 @triton.jit
-def sweep_sum_squares(ptr, rows, row_ok, n_cols, BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr,
-                      ROT_WIDTH: tl.constexpr):
-    """The rows' sums of squares of a tensor, read chunk by chunk (a first sweep)."""
-    total = tl.zeros((BLOCK_ROWS,), tl.float32)
-    compensation = tl.zeros((BLOCK_ROWS,), tl.float32)
-    for col_start in range(0, n_cols, TILES * ROT_WIDTH):
-        offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
-        x = tl.load(ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        total, compensation = compensated_add(total, compensation, row_sum_squares(x))
-    return total
+def power_of_two_scale(amax):
+    """``2**-E'`` per row with ``max|x| * 2**-E'`` in ``[1, 2)`` (E' the unbiased exponent of the
+    row's largest magnitude, read from its bits: no libdevice), and 1 for a zero, subnormal, inf
+    or NaN maximum. Any power of two makes the scaled sum of squares exact to the unscaled one
+    (``cage.naive.power_of_two_scale`` picks ``[0.5, 1)``: the same bits come out)."""
+    biased = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    # 2**(127 - E) as bits; above E = 253 take 2**-126 (its scaled max stays below 4)
+    scale = ((254 - tl.minimum(biased, 253)) << 23).to(tl.float32, bitcast=True)
+    return tl.where((biased >= 1) & (biased <= 254), scale, 1.0)
 
 
 @triton.jit
-def row_scale(sum_squares, n_cols, alpha, rms_eps):
-    """``s = alpha * sqrt(mean(x**2) + eps)``: the rotation is orthonormal, so the
-    mean square of the unrotated row is that of the rotated one (SPEC 1 step 2)."""
+def scaled_sum_squares(chunk):
+    """``(sum of squares of the chunk's rows scaled by f, f)``, f of each row's own maximum."""
+    scale = power_of_two_scale(tl.max(tl.max(tl.abs(chunk), axis=2), axis=1))
+    scaled = chunk * scale[:, None, None]
+    return row_sum_squares(scaled), scale
+
+
+@triton.jit
+def add_scaled_squares(total, compensation, scale, row_max, chunk):
+    """Adds a chunk to a running, power-of-two-scaled, compensated sum of squares: when the
+    row's maximum grows, the sum so far is rescaled by the ratio of the two scales (a power
+    of four: exact), so the result is what one pass with the final scale gives.
+    Returns ``(total, compensation, scale, row_max)``."""
+    row_max = tl.maximum(row_max, tl.max(tl.max(tl.abs(chunk), axis=2), axis=1))
+    new_scale = power_of_two_scale(row_max)
+    ratio = new_scale / scale  # a power of two (<= 1 once a row has a maximum)
+    total = total * ratio * ratio
+    compensation = compensation * ratio * ratio
+    scaled = chunk * new_scale[:, None, None]
+    total, compensation = compensated_add(total, compensation, row_sum_squares(scaled))
+    return total, compensation, new_scale, row_max
+
+
+@triton.jit
+def sweep_sum_squares(ptr, rows, row_ok, n_cols, BLOCK_ROWS: tl.constexpr, TILES: tl.constexpr,
+                      ROT_WIDTH: tl.constexpr):
+    """The rows' scaled sums of squares and their scales, read chunk by chunk (a first sweep)."""
+    total = tl.zeros((BLOCK_ROWS,), tl.float32)
+    compensation = tl.zeros((BLOCK_ROWS,), tl.float32)
+    scale = tl.zeros((BLOCK_ROWS,), tl.float32) + 1.0
+    row_max = tl.zeros((BLOCK_ROWS,), tl.float32)
+    for col_start in range(0, n_cols, TILES * ROT_WIDTH):
+        offsets, in_bounds = chunk_offsets(rows, row_ok, n_cols, col_start, TILES, ROT_WIDTH)
+        x = tl.load(ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        total, compensation, scale, row_max = add_scaled_squares(total, compensation, scale, row_max, x)
+    return total, scale
+
+
+@triton.jit
+def row_scale(sum_squares, scale, n_cols, alpha, rms_eps):
+    """``s = alpha * sqrt(mean(x**2) + eps)`` from the rows' sums of squares of ``x * scale``
+    (a power of two: the division by it is exact). The rotation is orthonormal, so the mean
+    square of the unrotated row is that of the rotated one (SPEC 1 step 2). ``eps`` acts in the
+    scaled domain: only an all-zero row feels it."""
     mean_square = tl.div_rn(sum_squares, n_cols.to(tl.float32))
-    return alpha * tl.sqrt_rn(mean_square + rms_eps)
+    return tl.div_rn(alpha * tl.sqrt_rn(mean_square + rms_eps), scale)
 
 
 @triton.jit
