@@ -174,6 +174,43 @@ def test_an_evaluation_reads_the_host_once():
     assert loss == total / 3
 
 
+class FakeBatch:
+    """Records how a CPU batch is moved (a real CUDA copy needs a GPU)."""
+
+    def __init__(self, pinned=False):
+        self.device, self.pinned, self.moves = torch.device("cpu"), pinned, []
+
+    def pin_memory(self):
+        return FakeBatch(pinned=True)
+
+    def to(self, device, non_blocking=False):
+        self.moves.append((torch.device(device), non_blocking, self.pinned))
+        return self
+
+
+def test_a_batch_goes_to_a_gpu_from_pinned_memory_without_a_sync():
+    # a pageable host-to-GPU copy waits for the stream (cudaStreamSynchronize); pinned + non_blocking does not
+    moved = machine_mod.to_device(FakeBatch(), torch.device("cuda", 0))
+    assert moved.moves == [(torch.device("cuda", 0), True, True)]
+    t = torch.ones(2)
+    assert machine_mod.to_device(t, torch.device("cpu")) is t
+    assert machine_mod.to_device(t, torch.device("meta")).device.type == "meta"
+
+
+def test_the_step_and_the_evaluation_move_batches_with_to_device(monkeypatch):
+    moves = []
+    real = machine_mod.to_device
+    monkeypatch.setattr(loop_mod, "to_device", lambda t, device: moves.append(device) or real(t, device))
+    cfg = gpu_config("torch", steps=1, grad_accum=2)
+    core, optimizer, amp, batches = step_parts(cfg, torch.device("cpu"))
+    x, y = batches[0]
+    loop_mod.train_step(core, optimizer, dist_mod.Parallel().micro_batches(x, y, 2), device=torch.device("cpu"),
+                        amp=amp, grad_clip=1.0)
+    assert len(moves) == 4  # x and y of each micro-batch
+    evaluate(core, TextData(load_corpus(None), cfg.seq_len, 0), "val", 2, 4, torch.device("cpu"), amp)
+    assert len(moves) == 8
+
+
 # ---- skipped steps
 
 

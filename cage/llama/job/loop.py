@@ -29,7 +29,7 @@ from .checkpoint import (CHECKPOINT, METRICS, PLOT, _atomic_write, _check_resume
 from .config import TrainConfig
 from .outdir import check_out_dir, clear_run_outputs
 from .distributed import Parallel, setup
-from .machine import autocast_context, choose_threads, environment, resolve_device
+from .machine import autocast_context, choose_threads, environment, resolve_device, to_device
 from .plots import save_plot
 from .records import TrainRecords, weight_grid_distance
 from .signals import TrainingInterrupted, stop_on_signals
@@ -49,7 +49,7 @@ def evaluate(model, data: TextData, split: str, n_batches: int, batch_size: int,
     for x, y in data.eval_batches(split, n_batches, batch_size):
         x, y = par.eval_slice(x, y)
         with amp:
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(to_device(x, device), to_device(y, device))
         total += loss.detach().to(total.dtype)
     model.train(was_training)
     return float(par.mean(total)) / n_batches
@@ -96,13 +96,14 @@ def train_step(model, optimizer, micro_batches, *, device, amp, grad_clip: float
     """One optimizer step over ``micro_batches`` (this process's (x, y) pairs of one global
     batch): forward and backward under ``amp``, gradients clipped to ``grad_clip``, and the
     optimizer step, skipped on the device when the gradient norm is NaN/Inf (the step count
-    still advances). Reads nothing back to the host; returns the step's device values."""
+    still advances). Reads nothing back to the host, and the batches go to a GPU without a
+    sync (``to_device``); returns the step's device values."""
     par = parallel or Parallel()
     loss_sum = None
     for i, (xb, yb) in enumerate(micro_batches):
         with par.gradient_sync(model, last=i == len(micro_batches) - 1):
             with amp:
-                _, loss = model(xb.to(device), yb.to(device))
+                _, loss = model(to_device(xb, device), to_device(yb, device))
             # equal micro-batches: the mean of their means is the batch mean
             (loss / len(micro_batches) if len(micro_batches) > 1 else loss).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()

@@ -86,6 +86,17 @@ def use_device(device: torch.device) -> torch.device:
     return device
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch ``t`` on ``device``, without a host sync: torch copies pageable memory to a
+    GPU with ``cudaMemcpyAsync`` and then ``cudaStreamSynchronize`` (the host waits for every
+    queued kernel), while a copy from pinned memory with ``non_blocking=True`` is queued like a
+    kernel (torch's caching host allocator keeps the pinned buffer until the copy has run).
+    Other devices: ``t.to(device)``."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if dtype == "bf16":
