@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "sweep": "cage.llama.sweep.cli",
     "export": "cage.llama.export",
     "generate": "cage.llama.generate",
+    "prepare-data": "cage.llama.prepare",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
