@@ -153,7 +153,10 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", eos_token: st
     t0 = last = time.perf_counter()
     done_bytes = 0
     init = (tokenizer, eos_token, field)
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    # fork where there is one: a spawned worker would import torch again (seconds); the workers
+    # use only numpy and the tokenizer, not torch's thread pools
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     pool = ctx.Pool(processes, _init_worker, init) if processes > 1 else None
     try:
         if pool is None:
