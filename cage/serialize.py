@@ -210,7 +210,30 @@ def _torch_archive(path):
         raise ValueError(f"{path}: not a readable torch archive ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
-def _read(path, tensors: bool) -> tuple[dict, dict | None]:
+# safetensors' dtype names -> torch dtypes (for shapes read without the data)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def safetensors_shapes(f, path) -> dict[str, torch.Tensor]:
+    """The tensors of an open safetensors file as meta tensors (names, dtypes, shapes; no data read)."""
+    out = {}
+    for key in f.keys():
+        view = f.get_slice(key)
+        dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {key!r} has the dtype {view.get_dtype()!r}, which cage does not read")
+        out[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+    return out
+
+
+def _read(path, tensors: bool | str) -> tuple[dict, dict | None]:
+    """The header and (``tensors=True``) the tensors, or (``"meta"``) meta tensors of their shapes
+    (a safetensors file's data is then not read; a torch archive's is, to find them)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no quantized model file at {path}")
@@ -234,7 +257,10 @@ def _read(path, tensors: bool) -> tuple[dict, dict | None]:
             if HEADER_KEY not in meta:
                 raise ValueError(f"{path}: not a cage quantized model file (no {HEADER_KEY!r} metadata)")
             header = _parse_header(meta[HEADER_KEY], path)
-            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
+            if tensors == "meta":
+                data = safetensors_shapes(f, path)
+            else:
+                data = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
     except SafetensorError as err:
         raise ValueError(f"{path}: not a readable safetensors file: {err}") from None
     return header, data
@@ -320,6 +346,23 @@ def check_tensors(tensors: dict, model, path) -> None:
                 f"{path}: tensor {key!r} is {t.dtype} {list(t.shape)} in the file, "
                 f"{mine.dtype} {list(mine.shape)} in the model"
             )
+
+
+def read_tensor_shapes(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header and the stored tensors' names, dtypes and shapes (meta tensors for a
+    safetensors file, whose data is not read)."""
+    return _read(path, tensors="meta")
+
+
+def check_quantized(path, model: nn.Module, *, backend: str = "auto", contents=None) -> dict:
+    """Everything :func:`load_quantized` checks, without changing ``model`` or reading a
+    safetensors file's data; ``model`` may live on the meta device (a skeleton built from sizes
+    read from the file, checked before anything is allocated). ``contents``: what
+    :func:`read_tensor_shapes` returned, when the caller has it. Returns the header."""
+    check_backend_name(backend, "check_quantized")
+    header, tensors = read_tensor_shapes(path) if contents is None else contents
+    check_tensors(tensors, _state_after(model, _plan_layers(header, model, path, backend)), path)
+    return header
 
 
 @torch.no_grad()

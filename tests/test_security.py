@@ -260,3 +260,34 @@ def test_the_metadata_unpickler_allows_only_dcp_types(tmp_path, blob, refused):
     from torch.distributed.checkpoint.metadata import Metadata
 
     assert not hasattr(Metadata, "x")
+
+
+# ---- sizes declared in .metadata (issue 18 item 6) ----------------------------------------------
+
+
+def test_a_size_declared_in_the_metadata_must_be_stored(dcp_run, tmp_path, capsys):
+    # loading allocates each tensor as declared: a declared size needs its bytes in the shards
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    run = _copy(dcp_run, tmp_path)
+    folder = _dcp_folder(run)
+    metadata = _metadata(folder)
+    entry = metadata.state_dict_metadata["model.tok_embeddings.weight"]
+    entry.size = torch.Size([2**22, 64])
+    entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2**22, 64]))]
+    _write_metadata(folder, metadata)
+    for argv in (["export", "--run", str(run), "--out", str(tmp_path / "m.safetensors")],
+                 ["train", "--resume", "--out", str(run)]):
+        code, err = _run_cli(argv, capsys)
+        assert code == 2 and f"{folder / '.metadata'}: tensor 'model.tok_embeddings.weight' is declared " \
+            "[4194304, 64] (1073741824 bytes), but its stored items hold" in err, err
+
+
+def test_a_dcp_runs_config_must_describe_its_stored_model(dcp_run, tmp_path, capsys):
+    run = _copy(dcp_run, tmp_path)
+    state_path = run / DCP_DIR / DCP_STATE
+    state = torch.load(state_path, weights_only=True)
+    state["config"].update(dim=32768, n_heads=256)
+    torch.save(state, state_path)
+    code, err = _run_cli(["export", "--run", str(run), "--out", str(tmp_path / "m.safetensors")], capsys)
+    assert code == 2 and "describes tok_embeddings.weight as [256, 32768]; the stored tensor is [256, 64]" in err, err

@@ -5,6 +5,9 @@ from one process, or the DCP folder RUN/checkpoint/ from torchrun with ddp or fs
 are gathered into full tensors), rebuilds the run's QAT model, converts every quantized layer to packed grid codes and row scales (``cage.convert``),
 writes FILE (``cage.save_quantized``: safetensors when installed, else a torch.save archive) and
 prints its size against a bf16 checkpoint. ``python -m cage generate --model FILE`` samples from it.
+
+The checkpoint is checked first: nothing from the folder runs, a damaged file is an error naming
+it, and the model its config describes must have the stored tensors' shapes before it is built.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from ..convert import convert
 from ..serialize import format_size_report, save_quantized
 from .job.build import build_model
-from .job.checkpoint import CHECKPOINT, DCP_DIR, DCP_STATE, find_checkpoint, load_model_state
+from .job.checkpoint import CHECKPOINT, DCP_DIR, DCP_STATE, check_model_config, find_checkpoint, load_model_state
 from .job.config import TrainConfig
 
 # the header's ``extra`` keys that generate reads back
@@ -40,6 +43,7 @@ def load_run_model(run) -> tuple[torch.nn.Module, TrainConfig]:
     ckpt = find_checkpoint(run)
     if ckpt is None:
         raise FileNotFoundError(f"--run: no checkpoint in {run} (neither {CHECKPOINT} nor {DCP_DIR}/{DCP_STATE})")
+    check_model_config(run, ckpt)  # sizes against the stored weights, before anything is built
     cfg = TrainConfig.from_dict(ckpt["config"])
     model, _, _ = build_model(cfg, torch.device("cpu"))
     model.load_state_dict(load_model_state(run, ckpt))

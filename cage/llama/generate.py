@@ -7,10 +7,11 @@ the prompt. Temperature 0 picks the most likely byte at every step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
-from ..serialize import load_quantized, read_header
+from ..serialize import check_quantized, load_quantized, read_tensor_shapes
 from .data import decode, encode
 from .export import LLAMA_CONFIG_KEY
 from .model import Llama, LlamaConfig
@@ -34,13 +35,45 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -
         raise ValueError(f"--top-k must be at least 1, got {top_k}")
 
 
+_INT_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len")
+
+
+def _llama_config(fields, path, n_tensors: int) -> LlamaConfig:
+    """The header's model shape as a LlamaConfig: known fields of the right types, and no more
+    layers than the file has tensors (a skeleton of n_layers blocks is built to check the rest)."""
+    if not isinstance(fields, dict):
+        raise ValueError(f"--model: {path}: {LLAMA_CONFIG_KEY!r} is not a dict of LlamaConfig fields")
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    for name, value in fields.items():
+        if name not in known:
+            raise ValueError(f"--model: {path}: {LLAMA_CONFIG_KEY!r} has an unknown field {name!r}")
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if (name in _INT_FIELDS or (name == "hidden_dim" and value is not None)) and not is_int:
+            raise ValueError(f"--model: {path}: {LLAMA_CONFIG_KEY}: {name} must be an integer, got {value!r}")
+        if name in ("norm_eps", "rope_theta") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"--model: {path}: {LLAMA_CONFIG_KEY}: {name} must be a number, got {value!r}")
+    n_layers = fields.get("n_layers", 1)
+    if n_layers > n_tensors:
+        raise ValueError(f"--model: {path}: {LLAMA_CONFIG_KEY} says n_layers {n_layers}, but the file holds "
+                         f"{n_tensors} tensors (every layer has several)")
+    try:
+        return LlamaConfig(**fields)
+    except ValueError as err:
+        raise ValueError(f"--model: {path}: {LLAMA_CONFIG_KEY}: {err}") from None
+
+
 def load_model(path) -> Llama:
-    """The converted Llama stored in ``path``, in eval mode."""
-    extra = read_header(path).get("extra", {})
+    """The converted Llama stored in ``path``, in eval mode. The header's model shape is checked
+    against the stored tensors on a meta-device skeleton before the model is built."""
+    header, stored = read_tensor_shapes(path)
+    extra = header.get("extra", {})
     if LLAMA_CONFIG_KEY not in extra:
         raise ValueError(f"--model: {path} has no model shape ({LLAMA_CONFIG_KEY!r}); write it with `cage export`")
-    model = Llama(LlamaConfig(**extra[LLAMA_CONFIG_KEY]))
-    return load_quantized(path, model).eval()
+    cfg = _llama_config(extra[LLAMA_CONFIG_KEY], path, len(stored))
+    with torch.device("meta"):
+        skeleton = Llama(cfg)
+    check_quantized(path, skeleton, contents=(header, stored))
+    return load_quantized(path, Llama(cfg)).eval()
 
 
 @torch.no_grad()

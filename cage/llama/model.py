@@ -20,6 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# The longest sequence a LlamaConfig may declare: the rotary tables are allocated up front
+# (2 x max_seq_len x head_dim/2 fp32 values: 32 MiB at head_dim 128), and no stored tensor bounds
+# them, so a size read from a file cannot be checked otherwise.
+MAX_SEQ_LEN = 65536
+
+
 @dataclasses.dataclass
 class LlamaConfig:
     """Shape of the model. ``hidden_dim=None`` means 8/3 of ``dim`` rounded up to ``multiple_of``."""
@@ -35,6 +41,9 @@ class LlamaConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if (self.dim // self.n_heads) % 2:
@@ -42,9 +51,8 @@ class LlamaConfig:
                 f"the head dimension dim/n_heads = {self.dim // self.n_heads} must be even "
                 "for the rotary embedding"
             )
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_seq_len > MAX_SEQ_LEN:
+            raise ValueError(f"max_seq_len must be at most {MAX_SEQ_LEN}, got {self.max_seq_len} (the rotary tables are allocated up front)")
 
     @property
     def ffn_dim(self) -> int:

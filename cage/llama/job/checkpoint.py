@@ -309,11 +309,11 @@ def _gather_sums(mine: dict, parallel) -> dict:
     return {name: s for share in shares for name, s in share.items()}
 
 
-def verify_dcp_files(folder: Path, ckpt: dict, parallel=None) -> None:
+def verify_dcp_files(folder: Path, ckpt: dict, parallel=None, names=None) -> None:
     """The files of a DCP folder against the sums its state file recorded (this process's share;
     under torchrun the processes agree, so every one raises); a CheckpointError naming the
     first damaged, missing or foreign file. A state file written before sums were recorded has
-    nothing to check against."""
+    nothing to check against. ``names``: only these files (in one process)."""
     sums = ckpt.get("dcp_files")
     if sums is None:
         return
@@ -329,7 +329,7 @@ def verify_dcp_files(folder: Path, ckpt: dict, parallel=None) -> None:
     foreign = [n for n in present if n not in sums]
     if foreign:
         problem = f"{folder / foreign[0]}: not one of the files the checkpoint wrote (its sums are in {state_file})"
-    for name in sorted(sums)[rank::world]:
+    for name in sorted(sums)[rank::world] if names is None else [n for n in names if n in sums]:
         if problem is not None:
             break
         path = folder / name
@@ -340,7 +340,7 @@ def verify_dcp_files(folder: Path, ckpt: dict, parallel=None) -> None:
             problem = f"{path}: damaged: {path.stat().st_size} bytes, {size} when written"
         elif _file_crc(path) != crc:
             problem = f"{path}: damaged: its CRC-32 differs from the one recorded when it was written (in {state_file})"
-    if parallel is not None and parallel.distributed and parallel.world > 1:
+    if names is None and parallel is not None and parallel.distributed and parallel.world > 1:
         # a MAX over the processes (the stop signal's host-side collective)
         if parallel.agreed_signal(int(problem is not None)) and problem is None:
             problem = f"{folder}: damaged: another process found a file that fails its check (its error names it)"
@@ -514,7 +514,8 @@ def _check_metadata(metadata, folder: Path, path: Path) -> None:
     storage = metadata.storage_data
     if not isinstance(storage, dict):
         bad("its storage_data is not a dict")
-    sizes: dict[str, int] = {}
+    sizes: dict[str, int] = {}  # of the files
+    stored: dict[str, int] = {}  # bytes stored per item
     for index, info in storage.items():
         if not isinstance(index, md.MetadataIndex) or not isinstance(info, storage_info) or index.fqn not in items:
             bad("its storage_data names an unknown item")
@@ -531,6 +532,13 @@ def _check_metadata(metadata, folder: Path, path: Path) -> None:
             bad(f"item {index.fqn!r} lies outside its file {name} ({sizes[name]} bytes)")
         if info.transform_descriptors:
             bad(f"item {index.fqn!r} is stored with transforms {info.transform_descriptors!r}, which cage does not read")
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+    for fqn, entry in items.items():  # a declared size is allocated when loaded: it must be stored
+        if isinstance(entry, md.TensorStorageMetadata):
+            declared = entry.size.numel() * entry.properties.dtype.itemsize
+            if declared > stored.get(fqn, 0):
+                bad(f"tensor {fqn!r} is declared {list(entry.size)} ({declared} bytes), but its stored items "
+                    f"hold {stored.get(fqn, 0)} bytes")
 
 
 def _dcp_load(state: dict, folder: Path, metadata, planner, distributed: bool) -> None:
@@ -562,8 +570,58 @@ def _checkpoint_threads(out: str | None) -> int | None:
 
 
 def checkpoint_config(out: str) -> TrainConfig:
-    """The TrainConfig saved in ``out``'s checkpoint (the CLI resumes from it)."""
-    return TrainConfig.from_dict(resume_checkpoint(Path(out))["config"])
+    """The TrainConfig saved in ``out``'s checkpoint (the CLI resumes from it), once the model it
+    describes is checked against the stored weights (:func:`check_model_config`)."""
+    ckpt = resume_checkpoint(Path(out))
+    check_model_config(Path(out), ckpt)
+    return TrainConfig.from_dict(ckpt["config"])
+
+
+def _stored_model_shapes(out: Path, ckpt: dict) -> tuple[Path, dict[str, tuple]]:
+    """The checkpoint file that holds the model, and the stored model tensors' shapes."""
+    if "dcp" not in ckpt:
+        where, model = out / CHECKPOINT, ckpt.get("model")
+        if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in model.items()):
+            raise CheckpointError(f"{where}: its 'model' is not a dict of named tensors")
+        return where, {k: tuple(t.shape) for k, t in model.items()}
+    folder = dcp_folder(out, ckpt)
+    verify_dcp_files(folder, ckpt, names=[METADATA])  # the small index only; the shards when they are read
+    metadata = read_dcp_metadata(folder)
+    md = _safe_dcp()["md"]
+    return folder / METADATA, {
+        fqn.removeprefix("model."): tuple(entry.size) for fqn, entry in metadata.state_dict_metadata.items()
+        if fqn.startswith("model.") and isinstance(entry, md.TensorStorageMetadata)
+    }
+
+
+def check_model_config(out: Path, ckpt: dict) -> None:
+    """The model that the checkpoint's config describes has the stored tensors' names and shapes
+    (a CheckpointError naming the file if not). Checked on a meta-device model, before anything
+    is built: a config edited to dim 32768 would otherwise allocate that model first."""
+    from .build import build_model
+
+    where, stored = _stored_model_shapes(out, ckpt)
+    try:
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        n_layers = cfg.model_config().n_layers
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{where}: its config does not describe a model: {err}") from None
+    if n_layers > len(stored):
+        raise CheckpointError(f"{where}: its config says n_layers {n_layers}, but the checkpoint holds "
+                              f"{len(stored)} model tensors (every layer has several)")
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            expected = {k: tuple(t.shape) for k, t in build_model(cfg, torch.device("meta"))[0].state_dict().items()}
+    except (TypeError, ValueError, OverflowError) as err:
+        raise CheckpointError(f"{where}: its config does not describe a model: {err}") from None
+    missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{where}: the model its config describes has other tensors than it stores "
+                              f"(not stored: {missing[:3]}, not in the model: {extra[:3]})")
+    for key, shape in expected.items():
+        if stored[key] != shape:
+            raise CheckpointError(f"{where}: its config describes {key} as {list(shape)}; the stored tensor is "
+                                  f"{list(stored[key])} (the config does not match the weights)")
 
 
 def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
