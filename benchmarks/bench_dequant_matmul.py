@@ -19,6 +19,10 @@ weight as the row's job holds it: packed codes + fp32 step for ``fused`` and ``d
 (one count: their GB/s ratio is a time ratio; the torch path's writing and re-reading of the
 rebuilt weight is its cost, not counted work), ``2 N K`` bytes for ``bf16-linear``. Weights and
 inputs rotate through sets larger than 4 x L2; do_bench flushes L2 between calls as well.
+
+Host and kernels apart: ``host ms`` is a call's host part alone (``common.host_time``),
+``kernels ms`` the call replayed from a CUDA graph (``do_bench_cudagraph``; ``fused`` and
+``bf16-linear``). At M = 1 the kernels take microseconds, so ``ms`` may be the host's time.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def matmul_bytes(case: Case, weight_bytes: int) -> int:
     return (case.tokens * case.in_features + case.tokens * case.out_features) * es + weight_bytes
 
 
-def run_case(case: Case, bits: int, device, warmup_ms, rep_ms, copy_gbps) -> list[dict]:
+def run_case(case: Case, bits: int, device, warmup_ms, rep_ms, copy_gbps, args=None) -> list[dict]:
     import cage_kernels
     from cage import QuantConfig
     from cage.convert import _code_offset, _grid_step, dequantize_codes
@@ -94,12 +98,19 @@ def run_case(case: Case, bits: int, device, warmup_ms, rep_ms, copy_gbps) -> lis
     rows = []
     for impl, call in calls.items():
         row = {"case": case.name, "impl": impl, "bits": bits, "bytes": counted[impl]}
+        why = common.over_budget()
+        if why:
+            row["status"] = why
+            rows.append(row)
+            continue
         try:
             outputs[impl] = call(sets.sets[0]).float()  # compiles the kernel outside the timed region
             t = common.bench(lambda call=call: call(sets.next()), device, warmup_ms, rep_ms)
             row.update(ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, gbps=common.gbps(counted[impl], t.median_ms),
                        status="ok")
             row["frac_copy"] = row["gbps"] / copy_gbps
+            common.split_times(row, lambda call=call: call(sets.next()), device, args, rep_ms,
+                               capturable=impl != "dequant+linear", why_not="not attempted (torch unpacking)")
         except Exception as err:  # noqa: BLE001 - report and go on
             row["status"] = "error: " + common.short_error(err)
         rows.append(row)
@@ -120,7 +131,8 @@ def run_case(case: Case, bits: int, device, warmup_ms, rep_ms, copy_gbps) -> lis
 
 COLUMNS = [
     ("case", "case"), ("impl", "impl"), ("bytes", "counted bytes"), ("ms", "ms"), ("gbps", "GB/s"),
-    ("frac_copy", "of copy BW"), ("t/dequant+linear", "t / dequant+linear"), ("t/bf16-linear", "t / bf16 linear"),
+    ("frac_copy", "of copy BW"), ("host_ms", "host ms"), ("graph_ms", "kernels ms (graph)"),
+    ("t/dequant+linear", "t / dequant+linear"), ("t/bf16-linear", "t / bf16 linear"),
     ("rel_rms_vs_torch", "rel. RMS vs torch path"), ("status", "status"),
 ]
 
@@ -140,7 +152,7 @@ def main(argv=None) -> dict:
     copy = common.copy_bandwidth(device, warmup_ms=warmup_ms, rep_ms=rep_ms)
     rows = []
     for case in PRESETS[args.preset]:
-        rows += run_case(case, args.bits, device, warmup_ms, rep_ms, copy["gbps"])
+        rows += run_case(case, args.bits, device, warmup_ms, rep_ms, copy["gbps"], args)
     sections = [{
         "title": f"Converted layer matmul, W{args.bits} codes, bf16 x",
         "text": (

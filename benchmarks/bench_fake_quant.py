@@ -18,12 +18,20 @@ ratios): forward = read x + write Q(x) + write the mask bit-packed (ceil(cols / 
 backward = read the gradient + read the packed mask + write the gradient. The torch reference
 stores its mask as one byte per element; that extra traffic is its cost, not counted work.
 Inputs rotate through sets larger than 4 x L2 (built before timing; no clones in the timed call).
+
+Host and kernels apart (CUDA): ``ms`` is do_bench's time of one call (the larger of the host's
+part and the kernel's); ``host ms`` is the host's part alone (``common.host_time``) and
+``kernels ms`` the call captured in a CUDA graph and replayed (``do_bench_cudagraph``, the
+``triton`` rows: the eager reference copies its Hadamard matrix from the host on every call).
+The ``triton`` rows call the planned op directly; ``cage.fake_quantize``'s autograd wrapper
+adds its own host time, which ``benchmarks.bench_host`` measures.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 
 import torch
 
@@ -54,6 +62,10 @@ PRESETS = {
     ],
 }
 IMPLS = ("triton", "torch-eager", "torch-compile")
+NOT_CAPTURED = {
+    "torch-eager": "not capturable (naive copies its Hadamard matrix from the host every call)",
+    "torch-compile": "not attempted (compiled reference)",
+}
 
 
 # ---- the reference with H as an argument (for torch.compile) ------------------------------
@@ -123,7 +135,7 @@ def mask_nbytes(mask_state: torch.Tensor) -> int:
     return mask_state.numel() * mask_state.element_size()
 
 
-def run_case(case: Case, impls, device, warmup_ms, rep_ms, copy_gbps, directions) -> list[dict]:
+def run_case(case: Case, impls, device, warmup_ms, rep_ms, copy_gbps, directions, args=None) -> list[dict]:
     from cage import QuantConfig, naive
 
     cfg = QuantConfig(bits=BITS, hadamard=True, block_size=BLOCK, grad_mask="trust")
@@ -146,6 +158,13 @@ def run_case(case: Case, impls, device, warmup_ms, rep_ms, copy_gbps, directions
     rows = []
     ref_q = None
     for impl in impls:
+        why = common.compile_refused() if impl == "torch-compile" else common.over_budget()
+        if why:
+            for d in directions:
+                rows.append({"case": case.name, "kind": case.kind, "dir": d, "impl": impl, "status": why})
+            print(f"  {case.name} {impl}: {why}", file=sys.stderr)
+            continue
+        started = time.monotonic()
         try:
             fwd, bwd = impl_ops(impl, device, h)
             # build / compile outside the timed region; each implementation's own mask format
@@ -159,6 +178,8 @@ def run_case(case: Case, impls, device, warmup_ms, rep_ms, copy_gbps, directions
                 rows.append({"case": case.name, "kind": case.kind, "dir": d, "impl": impl,
                              "status": "error: " + common.short_error(err)})
             print(f"  {case.name} {impl}: {rows[-1]['status']}", file=sys.stderr)
+            if impl == "torch-compile":
+                common.spend_compile(time.monotonic() - started)
             continue
         for d in directions:
             row = {"case": case.name, "kind": case.kind, "dir": d, "impl": impl, "rows": case.rows,
@@ -180,6 +201,8 @@ def run_case(case: Case, impls, device, warmup_ms, rep_ms, copy_gbps, directions
                 row.update(ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
                            gbps=common.gbps(counted[d], t.median_ms), status="ok")
                 row["frac_copy"] = row["gbps"] / copy_gbps
+                common.split_times(row, call, device, args, rep_ms, capturable=impl == "triton",
+                                   why_not=NOT_CAPTURED.get(impl, "not capturable"))
             except Exception as err:  # noqa: BLE001
                 row["status"] = "error: " + common.short_error(err)
             rows.append(row)
@@ -193,6 +216,8 @@ def run_case(case: Case, impls, device, warmup_ms, rep_ms, copy_gbps, directions
                     r["max_abs_diff_vs_eager"] = diff.max().item()
                     r["frac_diff_vs_eager"] = (diff > 0).float().mean().item()
         del masks
+        if impl == "torch-compile":
+            common.spend_compile(time.monotonic() - started)
         common.release(device)
     # ratios within each direction of this case
     for d in directions:
@@ -230,7 +255,8 @@ def targets(rows, gpu: bool) -> list[dict]:
 
 COLUMNS = [
     ("case", "case"), ("dir", "dir"), ("impl", "impl"), ("bytes", "bytes"), ("ms", "ms"), ("gbps", "GB/s"),
-    ("frac_copy", "of copy BW"), ("t/torch-eager", "t / eager"), ("t/torch-compile", "t / compile"),
+    ("frac_copy", "of copy BW"), ("host_ms", "host ms"), ("graph_ms", "kernels ms (graph)"),
+    ("t/torch-eager", "t / eager"), ("t/torch-compile", "t / compile"),
     ("max_abs_diff_vs_eager", "max |dQ| vs eager"), ("frac_diff_vs_eager", "frac dQ != 0"), ("status", "status"),
 ]
 
@@ -254,7 +280,7 @@ def main(argv=None) -> dict:
     copy = common.copy_bandwidth(device, warmup_ms=warmup_ms, rep_ms=rep_ms)
     rows = []
     for case in PRESETS[args.preset]:
-        rows += run_case(case, impls, device, warmup_ms, rep_ms, copy["gbps"], directions)
+        rows += run_case(case, impls, device, warmup_ms, rep_ms, copy["gbps"], directions, args)
     order = {i: k for k, i in enumerate(IMPLS)}
     rows.sort(key=lambda r: (PRESETS[args.preset].index(next(c for c in PRESETS[args.preset] if c.name == r["case"])),
                              r["dir"] != "fwd", order[r["impl"]]))
@@ -266,7 +292,8 @@ def main(argv=None) -> dict:
                 f"Copy bandwidth measured in this run: {copy['gbps']:.1f} GB/s "
                 f"({copy['buffer_bytes'] / 2**20:.0f} MiB device-to-device copy, read + written). "
                 "Counted bytes: fwd = x + Q(x) + packed mask; bwd = grad in + packed mask + grad out "
-                "(the same count for every implementation). Ratios are time ratios (below 1: faster)."
+                "(the same count for every implementation). Ratios are time ratios (below 1: faster). "
+                "On CUDA 'host ms' is a call's host part alone and 'kernels ms' the call replayed from a CUDA graph."
             ),
             "rows": rows,
             "columns": COLUMNS,

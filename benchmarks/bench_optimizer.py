@@ -5,7 +5,13 @@
 
 Rows (same parameters, same gradients, one optimizer at a time):
 
-- ``cage-triton``: ``cage.CAGEAdamW(backend="triton")``, the fused AdamW+CAGE kernels;
+- ``cage-triton``: ``cage.CAGEAdamW(backend="triton", check_finite=False)``, the fused
+  AdamW+CAGE kernels alone;
+- ``cage-triton-default``: the same with the ``check_finite`` users get (``None``: on CUDA
+  ``"skip"``, one foreach norm over the gradients for a device flag, no host read; on a CPU a
+  host check of every gradient);
+- ``cage-triton-found-inf``: the job's way, ``opt.step(found_inf=flag)`` with a preallocated
+  device flag (the clip norm's, in a training loop): no check of its own;
 - ``adamw-fused``: ``torch.optim.AdamW(fused=True)``;
 - ``adamw-foreach``: ``torch.optim.AdamW(foreach=True)``;
 - ``adamw-compile``: ``torch.compile`` of a foreach ``torch.optim.AdamW`` step;
@@ -16,6 +22,12 @@ Rows (same parameters, same gradients, one optimizer at a time):
 
 CAGE is active while timing: ``silence_ratio=0`` and ``schedule="constant"``, so lambda_t =
 ``cage_lambda`` (10) on every step (checked, and recorded in each row).
+
+Host and kernels apart (CUDA): ``ms`` is do_bench's time of a whole ``step()`` (what a caller
+waits for: the larger of the host's planning and the kernels); ``host ms`` is the host's part
+alone (``common.host_time``), ``kernels ms`` the step captured in a CUDA graph and replayed
+(``do_bench_cudagraph``; the CAGE rows only: torch's AdamW with ``capturable=False`` and the
+eager CAGE pass, which builds its Hadamard matrix on the host, cannot be captured).
 
 Counted bytes (SPEC 4): per parameter ``2 * param + grad + 4 * state`` bytes (read param, grad,
 both moments; write param and both moments), with the element sizes each optimizer actually
@@ -29,13 +41,25 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 
 import torch
 
 from . import common
 from .shapes import PRESETS, shapes_for
 
-METHODS = ("cage-triton", "adamw-fused", "adamw-foreach", "adamw-compile", "adamw-fused+cage-eager", "cage-torch")
+METHODS = ("cage-triton", "cage-triton-default", "cage-triton-found-inf", "adamw-fused", "adamw-foreach",
+           "adamw-compile", "adamw-fused+cage-eager", "cage-torch")
+# check_finite of each CAGE row (None: the default); cage-triton-found-inf passes its own flag
+CAGE_CHECK = {"cage-triton": False, "cage-triton-default": None, "cage-triton-found-inf": None, "cage-torch": False}
+# why a row's kernels are not timed from a CUDA graph
+NOT_CAPTURED = {
+    "adamw-fused": "not capturable (torch AdamW, capturable=False)",
+    "adamw-foreach": "not capturable (torch AdamW, capturable=False)",
+    "adamw-compile": "not attempted (compiled torch AdamW, capturable=False)",
+    "adamw-fused+cage-eager": "not capturable (the eager pass builds its Hadamard matrix on the host)",
+    "cage-torch": "not attempted (the per-tensor torch path)",
+}
 BASELINES = ("adamw-fused", "adamw-foreach", "adamw-compile", "adamw-fused+cage-eager")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -77,16 +101,19 @@ def _cage_groups(params, quant):
 
 def build_method(method: str, params, quant, device):
     """``(step_fn, optimizer, warmup_calls)`` for one row."""
-    if method in ("cage-triton", "cage-torch"):
+    if method in CAGE_CHECK:
         from cage import CAGEAdamW
 
         opt = CAGEAdamW(
             _cage_groups(params, quant), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
             total_steps=10**9, cage_lambda=CAGE_LAMBDA, silence_ratio=0.0, schedule="constant",
-            backend="triton" if method == "cage-triton" else "torch", check_finite=False,
+            backend="torch" if method == "cage-torch" else "triton", check_finite=CAGE_CHECK[method],
         )
         if opt.lambda_at(1) <= 0:  # pragma: no cover - a guard on the benchmark itself
             raise RuntimeError("CAGE is not active: lambda_t must be > 0 while timing")
+        if method == "cage-triton-found-inf":
+            flag = torch.zeros(1, device=device, dtype=torch.float32)  # allocated once, never read on the host
+            return (lambda: opt.step(found_inf=flag)), opt, 1
         return opt.step, opt, 1
 
     kwargs = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
@@ -132,7 +159,18 @@ def state_bytes_per_param(opt, params) -> tuple[int, int, int]:
     return p.element_size(), p.grad.element_size(), m.element_size()
 
 
-def run_section(dtype_name: str, shapes, methods, device, warmup_ms, rep_ms, copy_gbps) -> list[dict]:
+def check_label(method: str, device: torch.device) -> str | None:
+    """What the row checks for non-finite gradients."""
+    if method == "cage-triton-found-inf":
+        return "found_inf passed"
+    if method not in CAGE_CHECK:
+        return None
+    if CAGE_CHECK[method] is None:
+        return "None: " + ("skip (device flag)" if device.type == "cuda" else "raise (host check)")
+    return str(CAGE_CHECK[method])
+
+
+def run_section(dtype_name: str, shapes, methods, device, warmup_ms, rep_ms, copy_gbps, args=None) -> list[dict]:
     from cage import QuantConfig
 
     dtype = DTYPES[dtype_name]
@@ -141,8 +179,15 @@ def run_section(dtype_name: str, shapes, methods, device, warmup_ms, rep_ms, cop
     numel = shapes.numel()
     rows = []
     for method in methods:
-        row = {"dtype": dtype_name, "method": method, "numel": numel}
+        row = {"dtype": dtype_name, "method": method, "numel": numel, "check": check_label(method, device)}
+        why = common.compile_refused() if method == "adamw-compile" else common.over_budget()
+        if why:
+            row["status"] = why
+            rows.append(row)
+            print(f"  {dtype_name} {method}: {why}", file=sys.stderr)
+            continue
         opt = step = None
+        started = time.monotonic()
         try:
             step, opt, warm_calls = build_method(method, params, quant, device)
             if device.type == "cuda":  # compile and settle outside do_bench's estimate
@@ -158,6 +203,8 @@ def run_section(dtype_name: str, shapes, methods, device, warmup_ms, rep_ms, cop
                 gbps=common.gbps(per * numel, t.median_ms), status="ok",
             )
             row["frac_copy"] = row["gbps"] / copy_gbps
+            common.split_times(row, step, device, args, rep_ms, capturable=method.startswith("cage-triton"),
+                               why_not=NOT_CAPTURED.get(method, "not capturable"))
             if method.startswith("cage") or method.endswith("cage-eager"):
                 row["cage_lambda_t"] = CAGE_LAMBDA
                 if hasattr(opt, "lambda_at"):
@@ -169,19 +216,25 @@ def run_section(dtype_name: str, shapes, methods, device, warmup_ms, rep_ms, cop
             del opt, step  # the step closure holds the optimizer (and its states) too
             if method == "adamw-compile":
                 torch._dynamo.reset()  # drop the compiled graphs and what they hold
+                common.spend_compile(time.monotonic() - started)
             common.release(device)
         rows.append(row)
         print(f"  {dtype_name} {method}: {row.get('ms', float('nan')):.4g} ms  {row['status']}", file=sys.stderr)
-    base = {r["method"]: r["ms"] for r in rows if r["status"] == "ok"}
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        for b in BASELINES:
-            if b in base:
-                r[f"t/{b}"] = r["ms"] / base[b]
     del params
     common.release(device)
     return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Time ratios to each baseline of the same dtype."""
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        base = {r["method"]: r["ms"] for r in rows if r["dtype"] == dtype and r["status"] == "ok"}
+        for r in rows:
+            if r["dtype"] != dtype or r["status"] != "ok":
+                continue
+            for b in BASELINES:
+                if b in base:
+                    r[f"t/{b}"] = r["ms"] / base[b]
 
 
 def targets(rows: list[dict], gpu: bool) -> list[dict]:
@@ -208,8 +261,8 @@ def targets(rows: list[dict], gpu: bool) -> list[dict]:
 
 
 COLUMNS = [
-    ("dtype", "params"), ("method", "method"), ("bytes_per_param", "B/param"), ("ms", "ms"),
-    ("gbps", "GB/s"), ("frac_copy", "of copy BW"),
+    ("dtype", "params"), ("method", "method"), ("check", "check_finite"), ("bytes_per_param", "B/param"), ("ms", "ms"),
+    ("gbps", "GB/s"), ("frac_copy", "of copy BW"), ("host_ms", "host ms"), ("graph_ms", "kernels ms (graph)"),
     ("t/adamw-fused", "t / fused"), ("t/adamw-foreach", "t / foreach"), ("t/adamw-compile", "t / compile"),
     ("t/adamw-fused+cage-eager", "t / fused+CAGE eager"), ("status", "status"),
 ]
@@ -234,8 +287,14 @@ def main(argv=None) -> dict:
 
     copy = common.copy_bandwidth(device, warmup_ms=warmup_ms, rep_ms=rep_ms)
     rows = []
-    for d in dtypes:
-        rows += run_section(d, shapes, methods, device, warmup_ms, rep_ms, copy["gbps"])
+    # the compile baselines after every other row of both dtypes: under a time budget they are
+    # the rows left out (a first compile of the foreach step can take a minute)
+    for group in ([m for m in methods if m != "adamw-compile"], [m for m in methods if m == "adamw-compile"]):
+        for d in dtypes:
+            if group:
+                rows += run_section(d, shapes, group, device, warmup_ms, rep_ms, copy["gbps"], args)
+    rows.sort(key=lambda r: (dtypes.index(r["dtype"]), methods.index(r["method"])))
+    add_ratios(rows)
 
     tgt = targets(rows, env["gpu_result"])
     sections = [
@@ -247,7 +306,10 @@ def main(argv=None) -> dict:
                 f"({copy['buffer_bytes'] / 2**20:.0f} MiB device-to-device copy, read + written). "
                 f"CAGE W{BITS} Hadamard-{shapes.quant_block_size()} trust, lambda_t = {CAGE_LAMBDA} on every step. "
                 "Bytes counted per parameter: 2 x param + grad + 4 x moment element sizes (SPEC 4). "
-                "Ratios are time ratios to the baseline (below 1: faster)."
+                "Ratios are time ratios to the baseline (below 1: faster). 'ms' is do_bench's time of a whole "
+                "step; on CUDA 'host ms' is the host's part alone and 'kernels ms' the step replayed from a "
+                "CUDA graph (no host work between kernels). Counted bytes leave out the extra read of the "
+                "gradients that a check_finite flag costs: it is that row's cost."
             ),
             "rows": rows,
             "columns": COLUMNS,

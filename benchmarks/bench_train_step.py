@@ -11,10 +11,16 @@ Rows (same model shape, same seed, same batch; bf16 autocast on CUDA, fp32 on CP
   ``AdamW(fused=True)``;
 - ``quest-triton``: the same with the Triton fake-quant kernels (isolates the quantizer's cost);
 - ``cage-eager``: QuEST W4A4 + ``CAGEAdamW(backend="torch")``: everything in eager torch;
-- ``cage-triton``: QuEST W4A4 + ``CAGEAdamW(backend="triton")``: the project's kernels end to end.
+- ``cage-triton``: QuEST W4A4 + ``CAGEAdamW(backend="triton")``: the project's kernels end to end;
+- ``cage-triton-found-inf``: the same, the optimizer handed the clip norm's non-finite flag
+  (``opt.step(found_inf=~isfinite(norm))``, the job's way) instead of computing its own.
 
-CAGE rows time an active correction (``silence_ratio=0``, ``schedule="constant"``, lambda 10).
-Reported: median step time, tokens/s and the time ratio to the ``bf16`` row of the same run.
+CAGE rows time an active correction (``silence_ratio=0``, ``schedule="constant"``, lambda 10)
+with the default ``check_finite`` (on CUDA ``"skip"``: a device flag, no host read).
+Reported: median step time, tokens/s and the time ratio to the ``bf16`` row of the same run;
+on CUDA also the host's part of a step (``host ms``: the wall time until the step's Python
+returns, with the GPU idle when it starts): a step whose host part comes near its time is
+host-bound.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 
 from . import common
 
-METHODS = ("bf16", "quest-eager", "quest-triton", "cage-eager", "cage-triton")
+METHODS = ("bf16", "quest-eager", "quest-triton", "cage-eager", "cage-triton", "cage-triton-found-inf")
 BITS = 4
 LR = 1e-4
 CAGE_LAMBDA = 10.0
@@ -63,13 +69,13 @@ def build(method: str, mcfg, device):
         model = Llama(mcfg)
     if method != "bf16":
         q = QuantConfig(bits=BITS, hadamard=True, block_size=quant_block(mcfg), grad_mask="trust")
-        backend = "triton" if method.endswith("triton") else "torch"
+        backend = "triton" if "triton" in method else "torch"
         prepare_qat(model, weight=q, activation=q, backend=backend)
     groups = qat_param_groups(model, 0.1)
     if method.startswith("cage"):
         opt = CAGEAdamW(
             groups, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, total_steps=10**9, cage_lambda=CAGE_LAMBDA,
-            silence_ratio=0.0, schedule="constant", backend="triton" if method.endswith("triton") else "torch",
+            silence_ratio=0.0, schedule="constant", backend="triton" if "triton" in method else "torch",
         )
     else:
         for g in groups:
@@ -78,7 +84,7 @@ def build(method: str, mcfg, device):
     return model, opt
 
 
-def make_step(model, opt, idx, targets, device, clip: float):
+def make_step(model, opt, idx, targets, device, clip: float, pass_flag: bool = False):
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
@@ -90,9 +96,13 @@ def make_step(model, opt, idx, targets, device, clip: float):
         with autocast:
             _, loss = model(idx, targets)
         loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None
+        if pass_flag:  # the job's way: the clip norm says whether a gradient is NaN/Inf
+            if norm is None:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            opt.step(found_inf=(~torch.isfinite(norm)).to(torch.float32).reshape(1))
+        else:
+            opt.step()
         last["loss"] = loss
 
     step.last = last
@@ -100,7 +110,7 @@ def make_step(model, opt, idx, targets, device, clip: float):
 
 
 COLUMNS = [
-    ("method", "method"), ("ms", "step ms"), ("tokens_per_s", "tokens/s"), ("t/bf16", "t / bf16"),
+    ("method", "method"), ("ms", "step ms"), ("host_ms", "host ms"), ("tokens_per_s", "tokens/s"), ("t/bf16", "t / bf16"),
     ("peak_mem_gib", "peak GiB"), ("loss", "loss after"), ("status", "status"),
 ]
 
@@ -138,6 +148,12 @@ def main(argv=None) -> dict:
     n_params = None
     for method in methods:
         row = {"method": method, "tokens": tokens}
+        why = common.over_budget()
+        if why:
+            row["status"] = why
+            rows.append(row)
+            print(f"  {method}: {why}", file=sys.stderr)
+            continue
         model = opt = step = None
         try:
             model, opt = build(method, mcfg, device)
@@ -145,13 +161,15 @@ def main(argv=None) -> dict:
                 from cage.llama.model import count_params
 
                 n_params = count_params(model)
-            step = make_step(model, opt, idx, targets, device, args.clip)
+            step = make_step(model, opt, idx, targets, device, args.clip, pass_flag=method.endswith("found-inf"))
             if gpu:
                 torch.cuda.reset_peak_memory_stats(device)
             t = common.time_steps(step, device, warm, steps)
             loss = float(step.last["loss"].item())
             row.update(ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
                        tokens_per_s=tokens / (t.median_ms * 1e-3), loss=loss, status="ok")
+            if t.host_ms is not None:
+                row["host_ms"] = t.host_ms
             if gpu:
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         except Exception as err:  # noqa: BLE001 - one failing row must not hide the others
@@ -183,7 +201,8 @@ def main(argv=None) -> dict:
             "text": (f"batch {batch} x seq {seq} = {tokens} tokens per step; "
                      f"{'bf16 autocast' if gpu else 'fp32 (CPU)'}; clip {args.clip}; "
                      f"W{BITS}A{BITS} Hadamard {quant_block(mcfg)} trust; median of {steps} steps after {warm} warm-up. "
-                     "Ratios are time ratios to the bf16 row."),
+                     "Ratios are time ratios to the bf16 row."
+                     + (" 'host ms': the host's part of a step (GPU idle when it starts)." if gpu else "")),
             "rows": rows,
             "columns": COLUMNS,
         },

@@ -9,7 +9,15 @@ Conventions (SPEC 4):
   (below 1 means the row is faster than the baseline);
 - on a GPU, times come from ``triton.testing.do_bench`` (median, warm-up, L2 flushed between
   calls); without CUDA a plain ``perf_counter`` timer stands in and every result is labelled
-  as a CPU (and, for Triton rows, interpreter) number, never as a GPU result.
+  as a CPU (and, for Triton rows, interpreter) number, never as a GPU result;
+- host time and device time apart (CUDA): do_bench's figure is what a caller gets, the larger
+  of the Python before the launches and the kernels (the GPU waits while the host plans);
+  ``host_time`` is the host's part alone (a call's wall time with the GPU idle when it starts,
+  not waiting for its kernels) and ``graph_bench`` the kernels' alone (the call captured in a
+  CUDA graph and replayed, ``triton.testing.do_bench_cudagraph``), for calls that can be captured;
+- budgets: ``--time-budget-s`` stops a benchmark from starting new rows (the rows it did not
+  run say so, and the result files are written), ``--compile-budget-s`` caps the seconds its
+  ``torch.compile`` baselines may take together (a compile under way is not cut).
 """
 
 from __future__ import annotations
@@ -171,6 +179,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     runs: int | None = None
+    host_ms: float | None = None  # time_steps on CUDA: median of the host's part of each call
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -187,9 +196,15 @@ def _do_bench_gpu(fn: Callable[[], object], warmup_ms: float, rep_ms: float, do_
     if do_bench is None:
         from triton.testing import do_bench
 
+    return _call_bench(do_bench, fn, warmup_ms, rep_ms)
+
+
+def _call_bench(do_bench, fn: Callable[[], object], warmup_ms: float | None, rep_ms: float) -> Timing:
+    """One of Triton's timers (``do_bench``, ``do_bench_cudagraph``) called with the arguments
+    its signature takes: median and 20/80 percentiles where it takes ``quantiles``."""
     params = inspect.signature(do_bench).parameters
     kwargs = {}
-    if "warmup" in params:
+    if "warmup" in params and warmup_ms is not None:
         kwargs["warmup"] = max(1, int(round(warmup_ms)))
     if "rep" in params:
         kwargs["rep"] = max(1, int(round(rep_ms)))
@@ -244,17 +259,21 @@ def bench(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25,
 
 def time_steps(step: Callable[[], object], device: torch.device, warmup: int, steps: int) -> Timing:
     """Median of ``steps`` timed calls after ``warmup`` calls, synchronizing around each call
-    (for long calls such as a whole training step, where do_bench's L2 flush is pointless)."""
+    (for long calls such as a whole training step, where do_bench's L2 flush is pointless).
+    On CUDA also the host's part (``host_ms``): the wall time until ``step`` returns, which
+    starts with the GPU idle and does not wait for the kernels it queued."""
     for _ in range(warmup):
         step()
     synchronize(device)
-    times = []
+    times, host = [], []
     for _ in range(steps):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t = time.perf_counter()
             start.record()
             step()
             end.record()
+            host.append((time.perf_counter() - t) * 1e3)
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
@@ -262,7 +281,113 @@ def time_steps(step: Callable[[], object], device: torch.device, warmup: int, st
             step()
             times.append((time.perf_counter() - t) * 1e3)
     times.sort()
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times),
+                  host_ms=statistics.median(host) if host else None)
+
+
+# ---------------------------------------------------------------------------------------
+# host time and device time apart
+
+
+def host_time(fn: Callable[[], object], device: torch.device, calls: int = 20,
+              max_ms: float = 1000.0) -> Timing | None:
+    """The host's part of a call on CUDA: wall time from the call to its return, with the GPU
+    idle (synchronized) when it starts, so that a full launch queue never blocks it and the
+    kernels it queued are not waited for. ``calls`` calls, fewer (at least 3) once ``max_ms``
+    of wall time is spent. None off CUDA, where all of a call is host time."""
+    if device.type != "cuda" or calls <= 0:
+        return None
+    times = []
+    start = time.perf_counter()
+    for _ in range(calls):
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+        if len(times) >= 3 and (time.perf_counter() - start) * 1e3 > max_ms:
+            break
+    torch.cuda.synchronize(device)
+    times.sort()
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+
+
+def graph_bench(fn: Callable[[], object], device: torch.device, rep_ms: float,
+                do_bench_cudagraph=None) -> tuple[Timing | None, str]:
+    """The kernels' part of a call on CUDA: ``triton.testing.do_bench_cudagraph`` (the call
+    captured in a CUDA graph, replayed; no host work between kernels, no L2 flush). Returns
+    ``(timing, how)``; ``(None, why)`` off CUDA, without that timer, or when the call cannot be
+    captured (a host read, a host-to-device copy, torch's non-capturable optimizers)."""
+    if device.type != "cuda":
+        return None, "no CUDA"
+    if do_bench_cudagraph is None:
+        try:
+            from triton.testing import do_bench_cudagraph
+        except ImportError:
+            return None, "this Triton has no do_bench_cudagraph"
+    try:
+        t = _call_bench(do_bench_cudagraph, fn, None, max(rep_ms, 20.0))
+    except Exception as err:  # noqa: BLE001 - a call that cannot be captured is recorded, not raised
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001
+            pass
+        return None, "not captured: " + short_error(err, 120)
+    return t, "do_bench_cudagraph"
+
+
+def split_times(row: dict, fn: Callable[[], object], device: torch.device, args, rep_ms: float,
+                capturable: bool, why_not: str = "not capturable") -> None:
+    """Add ``host_ms`` (the host's part) and ``graph_ms`` (the kernels', when ``capturable``) to
+    ``row`` on CUDA; off CUDA both stay absent (all of a CPU call is host time)."""
+    if device.type != "cuda":
+        return
+    h = host_time(fn, device, getattr(args, "host_calls", 20))
+    if h is not None:
+        row.update(host_ms=h.median_ms, host_p20_ms=h.p20_ms, host_p80_ms=h.p80_ms)
+    if getattr(args, "no_graph", False):
+        row["graph"] = "not timed (--no-graph)"
+    elif not capturable:
+        row["graph"] = why_not
+    else:
+        g, how = graph_bench(fn, device, min(max(rep_ms, 20.0), 50.0))  # one graph of ~50 ms, replayed 10 times
+        row["graph"] = how
+        if g is not None:
+            row.update(graph_ms=g.median_ms, graph_p20_ms=g.p20_ms, graph_p80_ms=g.p80_ms)
+    if "host_ms" in row and "graph_ms" in row:
+        row["host_bound"] = row["host_ms"] >= row["graph_ms"]
+
+
+# ---------------------------------------------------------------------------------------
+# time budgets
+
+_BUDGET = {"deadline": None, "seconds": None, "compile_left": None, "compile_seconds": None}
+
+
+def set_budgets(time_budget_s: float | None = None, compile_budget_s: float | None = None) -> None:
+    """Start the benchmark's clock (``--time-budget-s``) and its compile allowance."""
+    _BUDGET["seconds"] = time_budget_s
+    _BUDGET["deadline"] = None if time_budget_s is None else time.monotonic() + time_budget_s
+    _BUDGET["compile_seconds"] = compile_budget_s
+    _BUDGET["compile_left"] = compile_budget_s
+
+
+def over_budget() -> str | None:
+    """Why a new row must not start (the time budget is spent), else None."""
+    if _BUDGET["deadline"] is not None and time.monotonic() >= _BUDGET["deadline"]:
+        return f"skipped: time budget spent (--time-budget-s {_BUDGET['seconds']:g})"
+    return None
+
+
+def compile_refused() -> str | None:
+    """Why a torch.compile row must not start (either budget spent), else None."""
+    if _BUDGET["compile_left"] is not None and _BUDGET["compile_left"] <= 0:
+        return f"skipped: compile budget spent (--compile-budget-s {_BUDGET['compile_seconds']:g})"
+    return over_budget()
+
+
+def spend_compile(seconds: float) -> None:
+    if _BUDGET["compile_left"] is not None:
+        _BUDGET["compile_left"] -= seconds
 
 
 # ---------------------------------------------------------------------------------------
@@ -442,6 +567,13 @@ def base_parser(description: str, default_preset: str, presets: Iterable[str]) -
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--cpu-runs", type=int, default=3, help="least number of timed calls of the CPU timer")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="start no new row after this many seconds (the rows left out say so; files are still written)")
+    p.add_argument("--compile-budget-s", type=float, default=None,
+                   help="seconds the torch.compile baselines may take together; later compile rows are skipped")
+    p.add_argument("--host-calls", type=int, default=20,
+                   help="calls timed for a row's host part on CUDA (0: none)")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timing of the kernels' part")
     return p
 
 
@@ -467,11 +599,13 @@ def finish(name: str, env: dict, sections: list[dict], args, rows: list[dict], e
 
 
 def apply_threads(args) -> None:
-    """Apply ``--threads`` and ``--cpu-runs``."""
+    """Apply ``--threads``, ``--cpu-runs`` and the budgets (``--time-budget-s``, whose clock
+    starts here, and ``--compile-budget-s``)."""
     global CPU_MIN_RUNS
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     CPU_MIN_RUNS = max(1, getattr(args, "cpu_runs", 3))
+    set_budgets(getattr(args, "time_budget_s", None), getattr(args, "compile_budget_s", None))
 
 
 def bench_times(args, device: torch.device, gpu_rep_ms: float = 200.0) -> tuple[float, float]:

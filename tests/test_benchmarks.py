@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ ENV_KEYS = {"date_utc", "command", "device_name", "torch", "triton", "cuda", "ti
 
 @pytest.fixture(scope="module")
 def smoke_out(tmp_path_factory):
-    """All three GPU scripts on the tiny preset, in one subprocess (one import of torch)."""
+    """All the GPU scripts on their tiny presets, in one subprocess (one import of torch)."""
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
@@ -79,8 +80,13 @@ def test_optimizer_rows_and_counted_bytes(optimizer_run):
     data, md = optimizer_run
     check_env_and_label(data, md)
     rows = rows_of(data)
-    methods = ["cage-triton", "adamw-fused", "adamw-foreach", "adamw-fused+cage-eager", "cage-torch"]
+    methods = ["cage-triton", "cage-triton-default", "cage-triton-found-inf", "adamw-fused", "adamw-foreach",
+               "adamw-fused+cage-eager", "cage-torch"]
     assert [(r["dtype"], r["method"]) for r in rows] == [(d, m) for d in ("fp32", "bf16") for m in methods]
+    checks = {r["method"]: r["check"] for r in rows}
+    assert checks["cage-triton"] == "False" and checks["cage-triton-found-inf"] == "found_inf passed"
+    assert checks["cage-triton-default"] == "None: raise (host check)"  # a CPU run: the host check
+    assert checks["adamw-fused"] is None
     numel = shapes_for("tiny").numel()
     assert data["numel"] == numel and data["numel_quant"] == shapes_for("tiny").numel("quant")
     for r in rows:
@@ -99,7 +105,9 @@ def test_optimizer_rows_and_counted_bytes(optimizer_run):
             x["ms"] for x in rows if x["dtype"] == r["dtype"] and x["method"] == "adamw-fused"), rel_tol=1e-9)
         if "cage" in r["method"]:
             assert r["cage_lambda_t"] == 10.0  # CAGE is active while timed
-    assert "| fp32 | cage-triton | 28 |" in md and "| bf16 | cage-triton | 22 |" in md
+        assert "host_ms" not in r and "graph_ms" not in r  # a CPU run: all of it is host time
+    assert "| fp32 | cage-triton | False | 28 |" in md and "| bf16 | cage-triton | False | 22 |" in md
+    assert "| host ms | kernels ms (graph) |" in md
 
 
 def test_fake_quant_rows_and_counted_bytes(fake_quant_run):
@@ -131,7 +139,8 @@ def test_train_step_rows(train_step_run):
     data, md = train_step_run
     assert ENV_KEYS <= set(data["env"]) and "NOT GPU results" in md
     rows = rows_of(data)
-    assert [r["method"] for r in rows] == ["bf16", "quest-eager", "quest-triton", "cage-eager", "cage-triton"]
+    assert [r["method"] for r in rows] == ["bf16", "quest-eager", "quest-triton", "cage-eager", "cage-triton",
+                                           "cage-triton-found-inf"]
     assert data["tokens_per_step"] == data["batch"] * data["seq"] == 64
     for r in rows:
         assert r["status"] == "ok", r
@@ -142,7 +151,113 @@ def test_train_step_rows(train_step_run):
     assert data["targets"][0]["status"].startswith("not measured")
 
 
+def test_run_all_writes_where_out_says_with_host_and_a_summary(smoke_out):
+    names = {p.name for p in smoke_out.iterdir()}
+    assert {"optimizer-cpu-interpreter.json", "fake_quant-cpu-interpreter.json", "train_step-cpu-interpreter.json",
+            "host-cpu-interpreter.json", "run_all-summary.json"} <= names
+    summary = json.loads((smoke_out / "run_all-summary.json").read_text())
+    by = {e["benchmark"]: e for e in summary}
+    assert list(by) == ["optimizer", "fake_quant", "train_step", "dequant_matmul", "host"]
+    assert by["dequant_matmul"]["status"].startswith("skipped") and by["optimizer"]["status"] == "ok"
+    assert by["host"]["status"] == "ok" and by["host"]["goals"]  # the goals travel with the summary
+    for e in summary:
+        assert e["argv"][e["argv"].index("--out") + 1] == str(smoke_out)
+        assert all(Path(f).parent == smoke_out for f in e.get("files", []))
+
+
 # ---- the helpers, without subprocesses ----------------------------------------------------
+
+
+def test_host_and_graph_timers_say_nothing_off_cuda():
+    import torch
+
+    cpu = torch.device("cpu")
+    assert common.host_time(lambda: None, cpu) is None
+    assert common.graph_bench(lambda: None, cpu, 20) == (None, "no CUDA")
+    row = {}
+    common.split_times(row, lambda: None, cpu, None, 20, capturable=True)
+    assert row == {}  # a CPU call is all host time: no split
+
+
+def test_split_times_on_cuda_records_both_parts(monkeypatch):
+    import torch
+
+    cuda = torch.device("cuda")
+    seen = {}
+    monkeypatch.setattr(common, "host_time", lambda fn, device, calls: common.Timing(0.5, 0.4, 0.6, calls))
+
+    def graph(fn, device, rep_ms):
+        seen["rep_ms"] = rep_ms
+        return common.Timing(2.0, 1.9, 2.1), "do_bench_cudagraph"
+
+    monkeypatch.setattr(common, "graph_bench", graph)
+    args = types.SimpleNamespace(host_calls=7, no_graph=False)
+    row = {}
+    common.split_times(row, lambda: None, cuda, args, 300, capturable=True)
+    assert (row["host_ms"], row["graph_ms"], row["graph"], row["host_bound"]) == (0.5, 2.0, "do_bench_cudagraph", False)
+    assert seen["rep_ms"] == 50  # one graph of ~50 ms, whatever do_bench's window
+    row = {}
+    common.split_times(row, lambda: None, cuda, args, 300, capturable=False, why_not="not capturable (x)")
+    assert row["host_ms"] == 0.5 and "graph_ms" not in row and row["graph"] == "not capturable (x)"
+    row = {}
+    common.split_times(row, lambda: None, cuda, types.SimpleNamespace(host_calls=7, no_graph=True), 300, True)
+    assert row["graph"] == "not timed (--no-graph)"
+
+
+@pytest.mark.parametrize("style", ["quantiles", "return_mode", "raises"])
+def test_graph_bench_across_triton_signatures(monkeypatch, style):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    calls = []
+
+    def with_quantiles(fn, rep=20, grad_to_none=None, quantiles=None, return_mode="mean"):
+        calls.append((rep, quantiles))
+        return [2.0, 1.0, 3.0]
+
+    def with_return_mode(fn, rep=20, grad_to_none=None, return_mode="mean"):
+        calls.append((rep, return_mode))
+        return 2.0
+
+    def raises(fn, rep=20, quantiles=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    fake = {"quantiles": with_quantiles, "return_mode": with_return_mode, "raises": raises}[style]
+    t, how = common.graph_bench(lambda: None, torch.device("cuda"), 50, do_bench_cudagraph=fake)
+    if style == "raises":
+        assert t is None and how.startswith("not captured: RuntimeError")
+        return
+    assert how == "do_bench_cudagraph" and t.median_ms == 2.0 and calls[0][0] == 50
+    assert calls[0][1] == ([0.5, 0.2, 0.8] if style == "quantiles" else "median")
+
+
+def test_budgets_leave_rows_out_and_say_so():
+    from benchmarks import bench_optimizer
+
+    base = ["--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--no-write", "--cpu-runs", "1",
+            "--warmup-ms", "0", "--rep-ms", "0"]
+    try:
+        out = bench_optimizer.main(base + ["--methods", "adamw-fused,adamw-foreach", "--time-budget-s", "0"])
+        assert [r["status"] for r in out["rows"]] == ["skipped: time budget spent (--time-budget-s 0)"] * 2
+        out = bench_optimizer.main(base + ["--methods", "adamw-compile,adamw-fused", "--compile-budget-s", "0"])
+        status = {r["method"]: r["status"] for r in out["rows"]}
+        assert status == {"adamw-compile": "skipped: compile budget spent (--compile-budget-s 0)", "adamw-fused": "ok"}
+        assert [r["method"] for r in out["rows"]] == ["adamw-compile", "adamw-fused"]  # the order asked for
+    finally:
+        common.set_budgets()
+
+
+def test_compile_budget_is_spent_by_the_compile_rows():
+    common.set_budgets(None, 5.0)
+    try:
+        assert common.compile_refused() is None and common.over_budget() is None
+        common.spend_compile(6.0)
+        assert common.compile_refused().startswith("skipped: compile budget spent")
+        assert common.over_budget() is None  # the other rows still run
+        common.set_budgets(0.0, None)
+        assert common.over_budget().startswith("skipped: time budget") and common.compile_refused()
+    finally:
+        common.set_budgets()
 
 
 def test_byte_formulas():
