@@ -207,7 +207,8 @@ class QuantizedLinear(nn.Module):
         if self._int8_takes(x):
             codes_w, half_w = self.signed_codes()
             return _int8.int8_linear_inference(autocast_activation(x), codes_w, half_w, self.bias, self.act_quant,
-                                               self.backend, _int8.resolve_matmul(self.matmul))
+                                               self.backend, _int8.resolve_matmul(self.matmul),
+                                               self.weight_quant.max_code)
         rotate_back = self.rotates_weight_back()
         if self.act_quant is not None:
             x = fake_quantize(autocast_activation(x), self.act_quant, backend=self.backend, rotate_back=rotate_back)

@@ -88,9 +88,13 @@ def int8_product_takes(matmul: str, x: torch.Tensor, out_features: int, weight_d
     return m > 0
 
 
-def product(codes_x, half_x, codes_w, half_w, bias, matmul: str, out_dtype: torch.dtype) -> torch.Tensor:
+def product(codes_x, half_x, codes_w, half_w, bias, matmul: str, out_dtype: torch.dtype,
+            max_codes: tuple[int, int] = (127, 127)) -> torch.Tensor:
+    """``(acc * scale_x) * scale_w + b`` of the int8 codes; ``max_codes``: the bounds of ``|C_x|``,
+    ``|C_w|`` (the fused kernel checks K against them)."""
     if matmul == "int8-fused":
-        return _backend.kernels().int8_matmul(codes_x, codes_w, half_x, half_w, bias, out_dtype=out_dtype)
+        return _backend.kernels().int8_matmul(codes_x, codes_w, half_x, half_w, bias, out_dtype=out_dtype,
+                                              max_abs_code=max_codes)
     acc = torch._int_mm(codes_x, codes_w.t())
     y = (acc.to(torch.float32) * half_x[:, None]) * half_w[None, :]
     if bias is not None:
@@ -112,7 +116,8 @@ class Int8QATLinear(torch.autograd.Function):
         rows = x.reshape(-1, n_cols)
         codes_x, half_x, mask_x = ops.quantize_codes(rows, act_quant)
         codes_w, half_w, mask_w = ops.quantize_codes(weight, weight_quant)
-        y = product(codes_x, half_x, codes_w, half_w, bias, matmul, out_dtype)
+        y = product(codes_x, half_x, codes_w, half_w, bias, matmul, out_dtype,
+                    (act_quant.max_code, weight_quant.max_code))
         ctx.save_for_backward(codes_x, half_x, mask_x, codes_w, half_w, mask_w)
         ctx.quant = (weight_quant, act_quant, ops)
         ctx.shapes = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -144,7 +149,8 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def int8_linear_inference(x, codes_w, half_w, bias, act_quant: QuantConfig, backend: str, matmul: str):
+def int8_linear_inference(x, codes_w, half_w, bias, act_quant: QuantConfig, backend: str, matmul: str,
+                          max_code_w: int = 127):
     """``y = q(x_h) (C_w d_w/2)^T + b`` for fixed weight codes (a converted layer), no autograd."""
     ops = _fq.get_ops(backend, x.device, "QuantizedLinear")
     if matmul == "int8-fused":
@@ -155,7 +161,7 @@ def int8_linear_inference(x, codes_w, half_w, bias, act_quant: QuantConfig, back
         contextlib.nullcontext())
     with quiet:  # the quantizer's math is fp32 by contract, and the product is exact
         codes_x, half_x, _ = ops.quantize_codes(x.reshape(-1, x.shape[-1]), act_quant)
-        y = product(codes_x, half_x, codes_w, half_w, bias, matmul, out_dtype)
+        y = product(codes_x, half_x, codes_w, half_w, bias, matmul, out_dtype, (act_quant.max_code, max_code_w))
     return y.reshape(*x.shape[:-1], codes_w.shape[0])
 
 
