@@ -15,7 +15,8 @@
 #   env 20        environment.json (device, driver, versions, packages, commit), nvidia-smi.txt
 #   sync 45       CAGEAdamW(backend="triton") steps under torch.cuda.set_sync_debug_mode("error"):
 #                 found_inf passed, and check_finite="skip" (must not raise); a QAT train step too
-#   host 35       python3 -m benchmarks.bench_host --device cuda (host time, launches stubbed)
+#   host 35       python3 -m benchmarks.bench_host --device cuda (host time, launches stubbed; a
+#                 missed goal is a finding in the summary, not a failed part)
 #   kernels 120   the kernel tests with CUDA tensors (compiled Triton), pytest -n 8 (serial when
 #                 pytest-xdist is missing), no -x, --junitxml; on its timeout pytest gets SIGINT
 #                 and still writes the junit file of the tests that ran
@@ -474,13 +475,13 @@ bench() {  # module args...: one benchmark into bench/, with its time budget
 }
 
 if [ "$dry" = 1 ]; then
-  part_host() { "$PY" -m benchmarks.bench_host --device cpu --preset small --calls 20 --warmup 2 --out "$WORK/bench"; }
+  HOST_ARGS="--device cpu --preset small --calls 20 --warmup 2"
   part_optimizer() { bench bench_optimizer --preset tiny $CPU_ARGS --dtypes fp32 --methods cage-triton-default,cage-triton-found-inf,adamw-fused; }
   part_fake_quant() { bench bench_fake_quant --preset tiny $CPU_ARGS; }
   part_dequant_matmul() { bench bench_dequant_matmul --preset tiny --device cpu; }
   part_train_step() { bench bench_train_step --preset tiny $CPU_ARGS --methods bf16,cage-triton-found-inf --warmup-steps 0 --steps 1; }
 else
-  part_host() { "$PY" -m benchmarks.bench_host --device cuda --out "$WORK/bench"; }
+  HOST_ARGS="--device cuda"
   part_optimizer() { bench bench_optimizer --device cuda --rep-ms 300 --compile-budget-s 25; }
   part_fake_quant() { bench bench_fake_quant --device cuda --rep-ms 100 --compile-budget-s 20; }
   part_dequant_matmul() { bench bench_dequant_matmul --device cuda --rep-ms 100; }
@@ -489,6 +490,18 @@ else
       --methods bf16,cage-triton,cage-triton-found-inf,quest-triton,quest-eager,cage-eager
   }
 fi
+
+part_host() {
+  # shellcheck disable=SC2086
+  "$PY" -m benchmarks.bench_host $HOST_ARGS --out "$WORK/bench"
+  local rc=$?
+  # exit 1 with its result file written: a goal was missed (a finding, in the summary), not a crash
+  if [ "$rc" = 1 ] && ls "$WORK"/bench/host-*.json > /dev/null 2>&1; then
+    echo "bench_host: a goal was missed (see its goals table); the part counts as run"
+    return 0
+  fi
+  return $rc
+}
 
 part_study() {
   local keep=benchmarks/results/study-30M-lease runs=$TMP/sweep preset=30M-lease minutes=$STUDY_MINUTES extra=()
@@ -512,7 +525,7 @@ part_study() {
 }
 # what the parts' child shells need
 export ROOT WORK TMP PY mode dry parts STUDY_MINUTES
-export CPU_ARGS="--device cpu --threads 1 --cpu-runs 1 --no-compile"
+export CPU_ARGS="--device cpu --threads 1 --cpu-runs 1 --no-compile" HOST_ARGS
 export -f part_env part_sync kernel_tests part_kernels bench budget_for part_host part_optimizer part_fake_quant \
   part_dequant_matmul part_train_step part_study
 
