@@ -32,6 +32,7 @@ except ImportError as err:  # pragma: no cover - exercised only without triton
 
 from .adamw_cage import StepPlan, adamw_cage_step, kernel_can_step
 from .dequant_matmul import packed_matmul, packed_matmul_supports
+from .int8_matmul import Int8MatmulPlan, int8_matmul, int8_matmul_supports, plan_int8_matmul
 from .fake_quant import ForwardPlan, fake_quant_forward, mask_to_bool, pack_mask, plan_forward, supports
 from .masked_backward import BackwardPlan, fake_quant_backward, plan_backward
 from .quant_math import MASK_CLIP, MASK_NONE, MASK_TRUST
@@ -40,4 +41,5 @@ __all__ = [
     "BackwardPlan", "ForwardPlan", "plan_backward", "plan_forward",
     "MASK_CLIP", "MASK_NONE", "MASK_TRUST", "StepPlan", "adamw_cage_step", "packed_matmul", "packed_matmul_supports",
     "fake_quant_backward", "fake_quant_forward", "kernel_can_step", "mask_to_bool", "pack_mask", "supports",
+    "Int8MatmulPlan", "int8_matmul", "int8_matmul_supports", "plan_int8_matmul",
 ]

@@ -5,7 +5,8 @@ shared memory read from the cubin.
     python -m cage_kernels.compile_gate --arch 80 --arch 90 [--out FILE.md] [--jobs N]
 
 The configurations are built by the launchers' own planning (``forward_launch``,
-``backward_launch``, ``step_blocking`` / ``step_launch``, ``matmul_launch``) from shapes and dtypes, so the
+``backward_launch``, ``step_blocking`` / ``step_launch``, ``matmul_launch``,
+``int8_matmul_launch``) from shapes and dtypes, so the
 gate compiles exactly what a call would launch. Many configurations share one
 specialization (bits, masks' radii and row counts are run-time values; widths matter
 through the blocking and their divisibility); Triton's cache compiles each distinct one
@@ -183,10 +184,46 @@ def dequant_matmul_configs(quick: bool = False):
                         yield Config("dequant_matmul", label, launch, args)
 
 
+# The int8 x int8 GEMM (the exact QAT forward): the matmul's token counts and 64 (the
+# planner's middle tiling, 17-64 tokens); Llama-7B/8B (K, N) pairs and a SPEC 3 size; and
+# one K that is not a multiple of 16 (unaligned rows: the masked K loop and its own prefill
+# tiling), sampled in bf16 only.
+INT8_MATMUL_TOKENS = (1, 16, 64, 512, 4096)
+INT8_MATMUL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (640, 1792))
+INT8_MATMUL_RAGGED_SHAPE = (4100, 4096)
+
+
+def int8_matmul_configs(quick: bool = False):
+    """The int8 GEMM with its fused epilogue over tokens x (K, N) x out dtypes x bias (bias
+    in the output's dtype): 3 tilings x 3 dtypes x bias x aligned K, plus the ragged K (not a
+    multiple of 16: the unaligned rows' own prefill tiling) in bf16."""
+    import torch
+
+    from .int8_matmul import int8_matmul_launch
+
+    dtypes = _dtypes()
+    if quick:
+        dtypes = {name: dtypes[name] for name in ("bf16", "fp32")}
+    for dname, dtype in dtypes.items():
+        shapes = INT8_MATMUL_SHAPES[:1] if quick else INT8_MATMUL_SHAPES
+        if dname == "bf16" and not quick:
+            shapes += (INT8_MATMUL_RAGGED_SHAPE,)
+        for m in (1, 4096) if quick else INT8_MATMUL_TOKENS:
+            for k, n in shapes:
+                for bias in (False,) if quick else (False, True):
+                    launch, args = int8_matmul_launch(
+                        torch.int8, torch.int8, torch.float32, torch.float32, dtype if bias else None, dtype,
+                        m, n, k, interpreted=False,
+                    )
+                    label = f"{dname} [{m}x{k}] @ [{n}x{k}]^T int8{' bias' if bias else ''}"
+                    yield Config("int8_matmul", label, launch, args)
+
+
 def all_configs(quick: bool = False):
     yield from fake_quant_configs(quick)
     yield from optimizer_configs(quick)
     yield from dequant_matmul_configs(quick)
+    yield from int8_matmul_configs(quick)
 
 
 @dataclasses.dataclass
@@ -223,7 +260,7 @@ def _arch_worker(arch: int, quick: bool):
     return arch, rows, n, seconds
 
 
-_META_SHOWN = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BITS", "HAS_BIAS", "DOT_DTYPE",
+_META_SHOWN = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BITS", "EVEN_K", "HAS_BIAS", "DOT_DTYPE",
                "BLOCK_ROWS", "TILES", "ROT_WIDTH", "SINGLE_CHUNK", "HADAMARD", "CAGE", "COUPLED",
                "X_SPLIT", "GRAD_SPLIT", "STORE_MASK", "ROTATE_BACK", "ROTATE_IN", "APPLY_MASK", "VEC",
                "PARAM_DTYPE", "CHECK_FOUND_INF")
@@ -271,6 +308,10 @@ def render(results, versions: str) -> tuple[str, int]:
         f"- dequantize-and-multiply: {', '.join(map(str, MATMUL_TOKENS))} tokens; (K, N) "
         f"{', '.join(f'{k}x{n}' for k, n in MATMUL_SHAPES)}; bits {', '.join(map(str, MATMUL_BITS))};",
         "  fp32, bf16, fp16; with and without bias",
+        f"- int8 GEMM (int32 accumulation, fused fp32 epilogue): {', '.join(map(str, INT8_MATMUL_TOKENS))} tokens; "
+        f"(K, N) {', '.join(f'{k}x{n}' for k, n in INT8_MATMUL_SHAPES)}",
+        f"  (and {'x'.join(map(str, INT8_MATMUL_RAGGED_SHAPE))} in bf16); fp32, bf16, fp16 out; with and without bias.",
+        "  Its MMA column counts IMMA (sm_80, and sm_90a's 16-row decode tiles) and IGMMA (sm_90a's int8 wgmma)",
         "",
     ]
     bad_total = 0
@@ -317,7 +358,9 @@ def summary(results) -> dict:
         "coverage": {"row_lengths": list(ROW_LENGTHS), "row_counts": list(ROW_COUNTS), "bits": list(BITS),
                      "masks": list(MASKS), "rotations": [list(r) for r in ROTATIONS],
                      "matmul_tokens": list(MATMUL_TOKENS), "matmul_shapes": [list(s) for s in MATMUL_SHAPES],
-                     "matmul_bits": list(MATMUL_BITS)},
+                     "matmul_bits": list(MATMUL_BITS),
+                     "int8_matmul_tokens": list(INT8_MATMUL_TOKENS),
+                     "int8_matmul_shapes": [list(shape) for shape in INT8_MATMUL_SHAPES + (INT8_MATMUL_RAGGED_SHAPE,)]},
         "archs": {
             str(arch): {
                 "configs": n_configs,

@@ -52,15 +52,20 @@ def test_the_gate_covers_the_named_configurations(gate, arch):
     assert set(coverage["masks"]) == {"none", "clip", "trust"}
     assert {(True, True), (True, False), (False, True)} <= {tuple(r) for r in coverage["rotations"]}
     found = summary["archs"][arch]
-    assert set(found["ops"]) == {"forward", "backward", "optimizer", "dequant_matmul"}
+    assert set(found["ops"]) == {"forward", "backward", "optimizer", "dequant_matmul", "int8_matmul"}
     assert {1, 16, 512, 4096} <= set(coverage["matmul_tokens"]) and {2, 3, 4, 8} <= set(coverage["matmul_bits"])
     assert [4096, 11008] in coverage["matmul_shapes"]
+    assert {(4096, 14336), (4100, 4096)} <= {tuple(s) for s in coverage["int8_matmul_shapes"]}
+    assert {1, 16, 64, 512, 4096} <= set(coverage["int8_matmul_tokens"])
     labels = "\n".join(found["labels"])
     for needle in ("fp32 [16384x28672] H128 b8 trust", "bf16 [1x640] noH b2 clip", "fp16 [7x11008] H128 b3 none rotated-out",
                    "bf16 cage coupled [14336 cols] H128", "fp32 cage decoupled [11008 cols] H128",
                    "bf16 fp32-grads cage decoupled", "fp32 adamw plain vec1", "no-flag",
                    "bf16 [1x4096] @ [11008x4096]^T b4", "fp16 [4096x11008] @ [4096x11008]^T b3 bias",
-                   "fp32 [16x4096] @ [14336x4096]^T b8"):
+                   "fp32 [16x4096] @ [14336x4096]^T b8",
+                   "bf16 [1x4096] @ [4096x4096]^T int8", "fp16 [512x14336] @ [4096x14336]^T int8 bias",
+                   "fp32 [16x640] @ [1792x640]^T int8 bias", "fp16 [64x4096] @ [4096x4096]^T int8",
+                   "bf16 [4096x4100] @ [4096x4100]^T int8"):
         assert needle in labels, needle
     # many configurations share a specialization: the gate compiles each once
     assert found["kernels"] < found["configs"] / 5
