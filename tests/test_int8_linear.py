@@ -261,3 +261,31 @@ def test_the_codes_op_has_a_fake_for_torch_compile():
     x = torch.randn(6, 64)
     torch.library.opcheck(fake_quant.fake_quant_codes_op, (x, 4, True, 32, "trust"))
     torch.library.opcheck(fake_quant.fake_quant_codes_op, (x.to(torch.bfloat16), 3, False, 32, "none"))
+
+
+# ---- the fused Triton GEMM (interpreter on CPU) -----------------------------------------
+
+
+@pytest.mark.parametrize("grid,bits", [("centered", 4), ("centered", 7), ("integer", 8)])
+def test_the_fused_gemm_is_bit_identical_to_int_mm_and_its_epilogue(grid, bits):
+    q = QuantConfig(bits, block_size=32, grid=grid)
+    torch.manual_seed(bits)
+    layer = QATLinear(96, 24, True, weight_quant=q, act_quant=q, backend="triton", matmul="int8")
+    x = torch.randn(2, 19, 96, requires_grad=True)
+    y = layer(x)
+    layer.matmul = "int8-fused"
+    x2 = x.detach().clone().requires_grad_()
+    y_fused = layer(x2)
+    assert torch.equal(y_fused, y)  # the same int32 sums and the same epilogue order
+    g = torch.randn_like(y)
+    y.backward(g)
+    grad_w = layer.weight.grad.clone()
+    layer.weight.grad = None
+    y_fused.backward(g)
+    assert torch.equal(x2.grad, x.grad) and torch.equal(layer.weight.grad, grad_w)
+
+
+def test_the_fused_gemm_takes_decode_sizes_that_int_mm_does_not(monkeypatch):
+    ours, _ = pair(4, backend="triton", matmul="int8-fused")
+    monkeypatch.setattr(qat_linear, "int_mm_takes", lambda m, k, n, device_type: m > 16)
+    assert _uses_int8(ours, torch.randn(1, 96), monkeypatch)  # one token: the fused kernel runs it
