@@ -111,10 +111,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(RESUME_AND_OVERWRITE)
     out = given.get("out") or default_out_dir(TrainConfig(**given))
     # A resumed run keeps its checkpoint's settings; a stop_after or time limit of the earlier
-    # session does not carry over (it would stop again at once).
-    # Nor does its parallel mode: that says how this session is launched.
+    # session does not carry over (it would stop again at once). Nor does its parallel mode
+    # (that says how this session is launched), nor an --overwrite that started the run (this
+    # session continues it: with overwrite kept, no run begun with --overwrite could resume).
     base = dataclasses.replace(checkpoint_config(out), stop_after=None, time_limit_min=None,
-                               parallel=TrainConfig.parallel)
+                               parallel=TrainConfig.parallel, overwrite=False)
     return dataclasses.replace(base, **{**given, "out": out, "resume": True})
 
 

@@ -402,7 +402,9 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
 
         if step < cfg.steps:  # stopped early on purpose: checkpoint and leave
             m = save(completed=False)
-            log(f"stopped after step {step} of {cfg.steps}; continue with --resume --out {out}", flush=True)
+            log(f"stopped after step {step} of {cfg.steps}; "
+                + (f"continue with: {resume_command(cfg, out, par)}" if out is not None else "nothing saved (no --out)"),
+                flush=True)
             return m
 
         final = {f"final_{split}_loss": evaluate_and_record(split, plot=False) for split in SPLITS[1:]}
@@ -446,15 +448,18 @@ def _interrupted(signum: int, step: int, cfg: TrainConfig, out: Path | None, par
     name = signal.Signals(signum).name
     if out is None:
         return TrainingInterrupted(signum, step, f"{name} after step {step}; nothing saved (no --out)", par.is_main)
-    if par.distributed:
-        again = f"torchrun --nproc-per-node {par.world} -m cage train --resume --parallel {cfg.parallel} --out {out}"
-    else:
-        again = f"python -m cage train --resume --out {out}"
     return TrainingInterrupted(
         signum, step,
         f"{name}: stopped after step {step} of {cfg.steps} and checkpointed it; continue from step {step} with\n"
-        f"  {again}", par.is_main,
+        f"  {resume_command(cfg, out, par)}", par.is_main,
     )
+
+
+def resume_command(cfg: TrainConfig, out: Path, par: Parallel) -> str:
+    """The shell command that continues the run in ``out`` (its settings come from the checkpoint)."""
+    if par.distributed:
+        return f"torchrun --nproc-per-node {par.world} -m cage train --resume --parallel {cfg.parallel} --out {out}"
+    return f"python -m cage train --resume --out {out}"
 
 
 def _completed_metrics(ckpt: dict, out: Path) -> dict | None:

@@ -1,0 +1,69 @@
+"""A run's folder over its life (issue 18 items 2, 3 and 9): a run started with --overwrite
+resumes with the command it prints, after --stop-after, --time-limit and once finished."""
+
+import json
+import shlex
+
+import pytest
+
+from cage.llama import cli
+from cage.llama.job import TrainConfig, train
+from cage.llama.job import loop as loop_mod
+
+# printed lines wanted: no --quiet
+TINY = ["--preset", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
+        "--eval-every", "2", "--threads", "1"]
+
+
+@pytest.fixture
+def small_text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog\n" * 300)
+    return path
+
+
+def printed_resume_command(text: str) -> list[str]:
+    """The argv of the `python -m cage train ... --resume ...` command a run printed (last one)."""
+    lines = [line for line in text.splitlines() if "python -m cage train" in line]
+    assert lines, text
+    cmd = shlex.split(lines[-1].split("python -m cage train", 1)[1])
+    return ["train", *cmd]
+
+
+def test_a_run_started_with_overwrite_resumes_with_the_printed_command(tmp_path, small_text, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--data", str(small_text), "--out", str(out)]
+    assert cli.main([*argv, "--stop-after", "1"]) == 0
+    capsys.readouterr()
+    # --overwrite replaces it; the new run stops after step 1 and says how to continue
+    assert cli.main([*argv, "--overwrite", "--seed", "1", "--stop-after", "1"]) == 0
+    again = printed_resume_command(capsys.readouterr().out)
+    assert "--resume" in again and str(out) in again
+    assert cli.main(again + ["--stop-after", "3"]) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["step"] == 3 and not m["completed"] and m["config"]["seed"] == 1
+    assert cli.main(again) == 0, capsys.readouterr().err  # to the end
+    assert json.loads((out / "metrics.json").read_text())["completed"]
+    capsys.readouterr()
+    assert cli.main(again) == 0  # a finished run: nothing to do, not an error
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_a_time_limited_overwrite_run_resumes(tmp_path, small_text, capsys, monkeypatch):
+    out = tmp_path / "t"
+    clock = iter(range(0, 10_000, 60))  # each reading of the loop's clock: one more minute
+    monkeypatch.setattr(loop_mod.time, "perf_counter", lambda: float(next(clock)))
+    assert cli.main(["train", *TINY, "--data", str(small_text), "--out", str(out), "--overwrite",
+                     "--time-limit", "1.5"]) == 0
+    monkeypatch.undo()
+    again = printed_resume_command(capsys.readouterr().out)
+    assert not json.loads((out / "metrics.json").read_text())["completed"]
+    assert cli.main(again) == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["completed"]
+
+
+def test_in_process_resume_of_an_overwrite_run(tmp_path, small_text):
+    run = dict(preset="tiny", steps=4, batch_size=2, seq_len=32, eval_batches=1, threads=1, verbose=False,
+               data=str(small_text), out=str(tmp_path / "r"))
+    train(TrainConfig(overwrite=True, stop_after=2, **run))
+    assert train(TrainConfig(resume=True, **run))["completed"]
