@@ -67,3 +67,20 @@ def test_in_process_resume_of_an_overwrite_run(tmp_path, small_text):
                data=str(small_text), out=str(tmp_path / "r"))
     train(TrainConfig(overwrite=True, stop_after=2, **run))
     assert train(TrainConfig(resume=True, **run))["completed"]
+
+
+def test_the_printed_resume_command_is_shell_quoted(tmp_path, small_text, capsys):
+    out = tmp_path / "it's a $run"  # a space, a quote and a dollar sign
+    assert cli.main(["train", *TINY, "--data", str(small_text), "--out", str(out), "--stop-after", "1"]) == 0
+    again = printed_resume_command(capsys.readouterr().out)
+    assert again == ["train", "--resume", "--out", str(out)]
+    assert cli.main(again) == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["completed"]
+
+
+def test_the_interrupt_message_quotes_the_folder(tmp_path):
+    from cage.llama.job.distributed import Parallel
+
+    out = tmp_path / "a b"
+    msg = str(loop_mod._interrupted(2, 5, TrainConfig(out=str(out)), out, Parallel()))
+    assert shlex.split(msg.splitlines()[-1]) == ["python", "-m", "cage", "train", "--resume", "--out", str(out)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -456,10 +457,12 @@ def _interrupted(signum: int, step: int, cfg: TrainConfig, out: Path | None, par
 
 
 def resume_command(cfg: TrainConfig, out: Path, par: Parallel) -> str:
-    """The shell command that continues the run in ``out`` (its settings come from the checkpoint)."""
+    """The shell command that continues the run in ``out`` (its settings come from the checkpoint),
+    the folder shell-quoted."""
+    where = shlex.quote(str(out))
     if par.distributed:
-        return f"torchrun --nproc-per-node {par.world} -m cage train --resume --parallel {cfg.parallel} --out {out}"
-    return f"python -m cage train --resume --out {out}"
+        return f"torchrun --nproc-per-node {par.world} -m cage train --resume --parallel {cfg.parallel} --out {where}"
+    return f"python -m cage train --resume --out {where}"
 
 
 def _completed_metrics(ckpt: dict, out: Path) -> dict | None:
