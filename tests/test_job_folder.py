@@ -84,3 +84,63 @@ def test_the_interrupt_message_quotes_the_folder(tmp_path):
     out = tmp_path / "a b"
     msg = str(loop_mod._interrupted(2, 5, TrainConfig(out=str(out)), out, Parallel()))
     assert shlex.split(msg.splitlines()[-1]) == ["python", "-m", "cage", "train", "--resume", "--out", str(out)]
+
+
+def die_at_step(monkeypatch, n: int):
+    """Make train_step raise MemoryError at its n-th call (a run killed before it checkpointed)."""
+    real, calls = loop_mod.train_step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise MemoryError("out of memory (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop_mod, "train_step", step)
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, small_text, capsys, monkeypatch):
+    out = tmp_path / "died"
+    argv = ["train", *TINY, "--data", str(small_text), "--out", str(out)]
+    die_at_step(monkeypatch, 2)  # the first checkpoint is at step 2 (--eval-every 2)
+    with pytest.raises(MemoryError):
+        cli.main(argv)
+    monkeypatch.undo()
+    left = {p.name for p in out.iterdir()}
+    assert "train_log.csv" in left and not {"checkpoint.pt", "metrics.json"} & left
+    capsys.readouterr()
+    # --resume has nothing to continue: it says what to do
+    assert cli.main(["train", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint" in err and "before its first checkpoint" in err
+    assert "without --resume" in err
+    # and that works: the leftovers are replaced, the run trains from step 0
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "stopped before its first checkpoint" in printed and "train_log.csv" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["completed"] and [e["step"] for e in m["evals"]][:1] == [0]
+    with open(out / "train_log.csv") as f:
+        assert [line.split(",")[0] for line in f][1:] == ["1", "2", "3", "4"]
+
+
+def test_a_folder_with_a_checkpoint_or_metrics_is_still_refused(tmp_path, small_text, capsys):
+    out = tmp_path / "kept"
+    argv = ["train", *TINY, "--data", str(small_text), "--out", str(out), "--quiet"]
+    assert cli.main([*argv, "--stop-after", "2"]) == 0
+    (out / "checkpoint.pt").unlink()  # metrics.json alone still marks a run someone may want
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_resume_of_a_folder_that_does_not_exist(tmp_path, capsys):
+    assert cli.main(["train", "--resume", "--out", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "does not exist" in err and err.count("\n") == 1
+
+
+def test_the_divergence_message_without_a_checkpoint_says_what_to_do(tmp_path):
+    msg = loop_mod._diverged_message(TrainConfig(), 10, 10, tmp_path, None, 125)
+    assert "holds no checkpoint of this run (the first is written at step 125)" in msg
+    assert "without --resume" in msg and "\n" not in msg

@@ -286,7 +286,8 @@ def test_the_message_says_when_there_is_no_checkpoint(tmp_path, monkeypatch):
         train(TrainConfig(method="bf16", steps=20, log_every=1, eval_every=10, max_skipped_steps=2, out=str(out),
                           **SMALL))
     assert str(err.value).startswith("step 2: the last 2 steps (1 to 2) were all skipped")
-    assert str(err.value).endswith(f"{out} holds no checkpoint of this run (the first is written at step 10)")
+    assert str(err.value).endswith(f"{out} holds no checkpoint of this run (the first is written at step 10): "
+                                   "run again without --resume to start it over there")
     assert not (out / "checkpoint.pt").exists()
 
 

@@ -57,6 +57,7 @@ def test_tensorboard_events_when_installed(whole, tmp_path):
     # a run that replaces (overwrite) a folder holding another run's events shows only its own
     out = tmp_path / "again"
     shutil.copytree(whole[0] / "tensorboard", out / "tensorboard")
+    shutil.copy(whole[0] / "metrics.json", out / "metrics.json")  # a run that saved: refused unless replaced
     with pytest.raises(ValueError, match="already holds a run"):
         train(TrainConfig(out=str(out), **{**RUN, "seed": 1}))
     m = train(TrainConfig(out=str(out), overwrite=True, **{**RUN, "seed": 1}))

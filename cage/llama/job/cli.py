@@ -24,16 +24,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from ...optim import COUPLINGS, SCHEDULES
 from ..data import SPLITS
 from ..model import PRESETS
-from .checkpoint import checkpoint_config
+from .checkpoint import checkpoint_config, has_checkpoint
 from .config import (CPU_PRESET_LR, FULL_PRECISION_BITS, MAX_AUTO_BLOCK_SIZE, METHODS, PARALLEL_MODES,
                      RESUME_AND_OVERWRITE, ROTATED_METHODS, TrainConfig, default_out_dir)
 from .loop import train
 from .machine import DEVICES
-from .outdir import RUN_OUTPUTS
+from .outdir import RUN_OUTPUTS, no_checkpoint_message
 from .signals import TrainingInterrupted
 
 # Every option defaults to "not given" (argparse.SUPPRESS): the defaults live in TrainConfig
@@ -110,6 +111,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if given.get("overwrite"):
         raise ValueError(RESUME_AND_OVERWRITE)
     out = given.get("out") or default_out_dir(TrainConfig(**given))
+    if not has_checkpoint(Path(out)):
+        raise FileNotFoundError(no_checkpoint_message(Path(out)))
     # A resumed run keeps its checkpoint's settings; a stop_after or time limit of the earlier
     # session does not carry over (it would stop again at once). Nor does its parallel mode
     # (that says how this session is launched), nor an --overwrite that started the run (this

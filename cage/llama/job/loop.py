@@ -157,8 +157,10 @@ def train(cfg: TrainConfig) -> dict:
         if threads:
             torch.set_num_threads(threads)
         cfg.validate()
-        check_out_dir(cfg)  # before any work: a folder holding another run is refused
-        clear_run_outputs(cfg)
+        replaced = clear_run_outputs(cfg, check_out_dir(cfg))  # before any work: a folder holding a run is refused
+        if replaced and not cfg.overwrite and cfg.verbose:
+            print(f"--out {cfg.out}: replacing the files of a run that stopped before its first checkpoint "
+                  f"({', '.join(p.name for p in replaced)})", flush=True)
         par, device = setup(cfg)
         try:
             with stop_on_signals() as stop_request:
@@ -434,7 +436,8 @@ def _diverged_message(cfg: TrainConfig, step: int, streak: int, out: Path | None
     if out is None:
         where = "nothing was saved (no --out)"
     elif saved_step is None:
-        where = f"{out} holds no checkpoint of this run (the first is written at step {eval_every})"
+        where = (f"{out} holds no checkpoint of this run (the first is written at step {eval_every}): run again "
+                 "without --resume to start it over there")
     else:
         where = (f"the last checkpoint in {out} is of step {saved_step}"
                  + (" (taken during the skipped steps)" if saved_step >= first else ""))
