@@ -144,3 +144,64 @@ def test_the_divergence_message_without_a_checkpoint_says_what_to_do(tmp_path):
     msg = loop_mod._diverged_message(TrainConfig(), 10, 10, tmp_path, None, 125)
     assert "holds no checkpoint of this run (the first is written at step 125)" in msg
     assert "without --resume" in msg and "\n" not in msg
+
+
+def start_long_run(out, *extra):
+    """A `cage train` process on ``out`` that runs until killed; returns once it logged step 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "cage", "train", "--preset", "tiny", "--steps", "100000", "--batch-size", "2",
+           "--seq-len", "32", "--log-every", "1", "--eval-every", "100000", "--eval-batches", "1",
+           "--threads", "1", "--out", str(out), *extra]
+    proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 1/"):
+            return proc
+    proc.kill()
+    raise AssertionError(f"the run did not start: {proc.wait()}")
+
+
+def test_two_runs_on_one_folder_are_refused_and_a_killed_holder_releases_it(tmp_path, small_text, capsys):
+    import signal
+
+    out = tmp_path / "busy"
+    first = start_long_run(out)
+    try:
+        log_before = (out / "train_log.csv").read_bytes()
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            capsys.readouterr()
+            assert cli.main(["train", *TINY, "--quiet", "--data", str(small_text), "--out", str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"--out {out} is in use by another run" in err, err
+            assert f"process {first.pid}" in err
+        # the first run's files were not touched (it has no checkpoint yet: a plain run would
+        # otherwise have replaced them)
+        assert (out / "train_log.csv").read_bytes()[: len(log_before)] == log_before
+    finally:
+        first.send_signal(signal.SIGKILL)  # no handler runs: the kernel drops the lock
+        first.wait()
+    assert cli.main(["train", *TINY, "--quiet", "--data", str(small_text), "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["completed"]
+
+
+def test_the_lock_is_released_after_a_run_and_after_an_error(tmp_path, small_text):
+    from cage.llama.job import outdir
+
+    run = dict(preset="tiny", steps=2, batch_size=2, seq_len=32, eval_batches=1, threads=1, verbose=False,
+               data=str(small_text), out=str(tmp_path / "r"))
+    train(TrainConfig(**run))
+    with pytest.raises(ValueError, match="already holds a run"):  # the lock is free: the folder check speaks
+        train(TrainConfig(**run))
+    with outdir.lock_out_dir(TrainConfig(**run)):
+        with pytest.raises(ValueError, match="is in use by another run"):
+            train(TrainConfig(**{**run, "overwrite": True}))
+    assert train(TrainConfig(**{**run, "overwrite": True}))["completed"]
+    # a run that fails before writing anything leaves no folder behind
+    with pytest.raises(ValueError, match="too small"):
+        train(TrainConfig(**{**run, "seq_len": 4096, "out": str(tmp_path / "new")}))
+    assert not (tmp_path / "new").exists()

@@ -34,7 +34,7 @@ from .config import (CPU_PRESET_LR, FULL_PRECISION_BITS, MAX_AUTO_BLOCK_SIZE, ME
                      RESUME_AND_OVERWRITE, ROTATED_METHODS, TrainConfig, default_out_dir)
 from .loop import train
 from .machine import DEVICES
-from .outdir import RUN_OUTPUTS, no_checkpoint_message
+from .outdir import RUN_OUTPUTS, check_not_in_use, no_checkpoint_message
 from .signals import TrainingInterrupted
 
 # Every option defaults to "not given" (argparse.SUPPRESS): the defaults live in TrainConfig
@@ -111,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if given.get("overwrite"):
         raise ValueError(RESUME_AND_OVERWRITE)
     out = given.get("out") or default_out_dir(TrainConfig(**given))
+    check_not_in_use(TrainConfig(out=out))  # a running run's folder: say so, not what it holds yet
     if not has_checkpoint(Path(out)):
         raise FileNotFoundError(no_checkpoint_message(Path(out)))
     # A resumed run keeps its checkpoint's settings; a stop_after or time limit of the earlier

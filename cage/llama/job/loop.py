@@ -28,7 +28,7 @@ from .checkpoint import (CHECKPOINT, METRICS, PLOT, _atomic_write, _check_resume
                          restore_weights, resume_checkpoint, run_state, save_checkpoint,
                          save_distributed_checkpoint)
 from .config import TrainConfig
-from .outdir import check_out_dir, clear_run_outputs
+from .outdir import check_out_dir, clear_run_outputs, lock_out_dir
 from .distributed import Parallel, setup
 from .machine import autocast_context, choose_threads, environment, resolve_device, to_device
 from .plots import save_plot
@@ -157,22 +157,23 @@ def train(cfg: TrainConfig) -> dict:
         if threads:
             torch.set_num_threads(threads)
         cfg.validate()
-        replaced = clear_run_outputs(cfg, check_out_dir(cfg))  # before any work: a folder holding a run is refused
-        if replaced and not cfg.overwrite and cfg.verbose:
-            print(f"--out {cfg.out}: replacing the files of a run that stopped before its first checkpoint "
-                  f"({', '.join(p.name for p in replaced)})", flush=True)
-        par, device = setup(cfg)
-        try:
-            with stop_on_signals() as stop_request:
-                result = _train(cfg, par, device, stop_request)
-        except TrainingInterrupted:
-            par.close()  # every process stops at the same step
-            raise
-        except BaseException:
-            par.close(clean=False)
-            raise
-        par.close()
-        return result
+        with lock_out_dir(cfg):  # one run per folder, from before it is looked at
+            replaced = clear_run_outputs(cfg, check_out_dir(cfg))  # before any work: a folder holding a run is refused
+            if replaced and not cfg.overwrite and cfg.verbose:
+                print(f"--out {cfg.out}: replacing the files of a run that stopped before its first checkpoint "
+                      f"({', '.join(p.name for p in replaced)})", flush=True)
+            par, device = setup(cfg)
+            try:
+                with stop_on_signals() as stop_request:
+                    result = _train(cfg, par, device, stop_request)
+            except TrainingInterrupted:
+                par.close()  # every process stops at the same step
+                raise
+            except BaseException:
+                par.close(clean=False)
+                raise
+            par.close()
+            return result
     finally:
         torch.set_num_threads(threads_before)
 
