@@ -205,3 +205,20 @@ def test_the_lock_is_released_after_a_run_and_after_an_error(tmp_path, small_tex
     with pytest.raises(ValueError, match="too small"):
         train(TrainConfig(**{**run, "seq_len": 4096, "out": str(tmp_path / "new")}))
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("cut", ["1", "6,5.51", "", "1,5.5,0.003,0.0,1.2,0,,"])
+def test_a_cut_off_last_row_of_the_train_log_is_dropped_on_resume(tmp_path, small_text, cut):
+    import csv
+
+    run = dict(preset="tiny", steps=6, batch_size=2, seq_len=32, eval_batches=1, eval_every=2, log_every=1,
+               threads=1, verbose=False, data=str(small_text), out=str(tmp_path / "r"))
+    train(TrainConfig(stop_after=3, **run))  # checkpoint at 2, stopped (and checkpointed) at 3
+    log = tmp_path / "r" / "train_log.csv"
+    # a later session wrote step 4 and was killed in the middle of the row of step 5 (or 10, 12, ...)
+    with open(log, "a") as f:
+        f.write("4,5.5,0.003,0.0,1.2,0,,\n" + cut)
+    train(TrainConfig(resume=True, **run))
+    with open(log, newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [1, 2, 3, 4, 5, 6]

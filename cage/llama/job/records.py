@@ -14,8 +14,8 @@ installed, TensorBoard event files in ``tensorboard/``.
   for bf16), computed only there because it quantizes every weight.
 
 Rows are written at logging steps and checkpoints from values kept on the device until then (no
-host sync per step). A resumed run first drops the rows after its checkpoint's step, so the file
-never holds a step twice. Only rank 0 writes.
+host sync per step). A resumed run first drops the rows after its checkpoint's step, and a last
+row cut off by a kill (no newline), so the file never holds a step twice. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -50,11 +50,7 @@ class TrainRecords:
         self.tensorboard = None
         if self.path is None:
             return
-        if resume_step is not None and self.path.is_file():
-            with open(self.path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        else:
-            kept = []
+        kept = _rows_up_to(self.path, resume_step) if resume_step is not None and self.path.is_file() else []
 
         def rewrite(tmp):
             with open(tmp, "w", newline="") as f:
@@ -94,6 +90,26 @@ class TrainRecords:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _rows_up_to(path: Path, step: int) -> list[dict]:
+    """The rows of the log at ``path`` for steps 1 to ``step``, in order. A session killed while
+    it wrote leaves a last line without its newline, which can read as any step ("1" of a cut
+    "12,..."): that line is dropped, and so is any row whose step is not after the one before."""
+    with open(path, newline="") as f:
+        text = f.read()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # the cut-off last line
+    kept = []
+    for row in csv.DictReader(text.splitlines(keepends=True)):
+        try:
+            n = int(row["step"])
+        except (TypeError, ValueError):
+            continue
+        if n > step or (kept and n <= int(kept[-1]["step"])) or None in row or None in row.values():
+            continue
+        kept.append(row)
+    return kept
 
 
 @torch.no_grad()
