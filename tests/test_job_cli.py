@@ -65,6 +65,11 @@ BAD_OPTIONS = [
     (["--device", "foo"], ["--device", "auto, cpu, cuda, cuda:N or mps", "'foo'"]),
     (["--device", "cuda:x"], ["--device", "cuda:N"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
+    (["--seed", str(2**70)], ["--seed", "0 .. 2**64 - 1", str(2**70)]),
+    (["--seed", "-1"], ["--seed", "0 .. 2**64 - 1"]),
+    (["--n-heads", "0"], ["--n-heads", ">= 1", "0"]),
+    (["--dim", "-64"], ["--dim", ">= 1"]),
+    (["--n-layers", "0"], ["--n-layers", ">= 1"]),
 ]
 
 

@@ -140,6 +140,11 @@ class TrainConfig:
             bad(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "max_skipped_steps"):
             positive_int(name)
+        for name in ("dim", "n_layers", "n_heads"):  # None: the preset's
+            if getattr(self, name) is not None:
+                positive_int(name)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            bad(f"--seed must be an integer in 0 .. 2**64 - 1 (torch's seed range), got {self.seed!r}")
         if self.time_limit_min is not None and not (self.time_limit_min > 0 and math.isfinite(self.time_limit_min)):
             bad(f"--time-limit must be a number of minutes > 0, got {self.time_limit_min}")
         for name in ("stop_after", "eval_every", "log_every", "threads"):
