@@ -107,6 +107,54 @@ def fake_quant_configs(quick: bool = False):
                             yield Config("backward", f"{where} {grad_mask}{grad_in}", launch, args)
 
 
+# Sampled, not crossed with everything above: the integer grid and the int8-code output are one
+# switch each in the same kernels (what changes is a few instructions around the rounding).
+GRID_CODE_WIDTHS = (640, 4096, 11008)
+
+
+def grid_and_codes_configs(quick: bool = False):
+    """The forward kernel on the integer grid, and emitting int8 codes (the int8 product's
+    operands) on both grids; the optimizer's CAGE correction on the integer grid."""
+    import torch
+
+    from .adamw_cage import step_blocking, step_launch
+    from .fake_quant import forward_launch
+
+    widths = GRID_CODE_WIDTHS[:1] if quick else GRID_CODE_WIDTHS
+    for dname, dtype in _dtypes().items():
+        for n_cols in widths:
+            for n_rows in ((16,) if quick else (16, 4096)):
+                for integer, codes, rotate_back in ((True, False, True), (True, False, False), (False, True, False),
+                                                    (True, True, False)):
+                    for grad_mask in ("none", "trust"):
+                        bits = 8 if integer and codes else 4
+                        mode, radius = _mask_mode(grad_mask, bits)
+                        launch, args = forward_launch(
+                            dtype, torch.int8 if codes else dtype, torch.uint8 if grad_mask != "none" else dtype,
+                            torch.bfloat16, n_rows, n_cols, levels=2**bits, alpha=ALPHA[bits], hadamard=True,
+                            block_size=128, mask_mode=mode, mask_radius=radius, rotate_back=rotate_back,
+                            rms_eps=RMS_EPS, interpreted=False, half_step=torch.float32 if codes else None,
+                            integer_grid=integer,
+                        )
+                        what = ("integer" if integer else "centered") + (" codes" if codes else "")
+                        out = "" if rotate_back else " rotated-out"
+                        yield Config("forward", f"{dname} [{n_rows}x{n_cols}] H128 b{bits} {grad_mask}{out} {what}",
+                                     launch, args)
+    i64 = torch.int64
+    for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for n_cols in widths:
+            for coupled in (False, True):
+                blocking = step_blocking(n_cols, hadamard=True, block_size=128, interpreted=False)
+                launch, args = step_launch(
+                    i64, i64, torch.bfloat16, torch.float32, 1000, blocking, param_dtype=dtype, grad_dtype=dtype,
+                    vec=16, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=10, cage_lambda=5.0,
+                    coupled=coupled, levels=16, alpha=ALPHA[4], hadamard=True, block_size=128, rms_eps=RMS_EPS,
+                    integer_grid=True,
+                )
+                yield Config("optimizer", f"{dname} cage {'coupled' if coupled else 'decoupled'} [{n_cols} cols] "
+                             "H128 vec16 integer grid", launch, args)
+
+
 def optimizer_configs(quick: bool = False):
     """The fused step: fp32/bf16/fp16 params, decoupled/coupled, CAGE on/off (a mixed
     model's groups), with and without the non-finite flag, aligned and unaligned streams."""
@@ -221,6 +269,7 @@ def int8_matmul_configs(quick: bool = False):
 
 def all_configs(quick: bool = False):
     yield from fake_quant_configs(quick)
+    yield from grid_and_codes_configs(quick)
     yield from optimizer_configs(quick)
     yield from dequant_matmul_configs(quick)
     yield from int8_matmul_configs(quick)

@@ -65,7 +65,10 @@ def test_the_gate_covers_the_named_configurations(gate, arch):
                    "fp32 [16x4096] @ [14336x4096]^T b8",
                    "bf16 [1x4096] @ [4096x4096]^T int8", "fp16 [512x14336] @ [4096x14336]^T int8 bias",
                    "fp32 [16x640] @ [1792x640]^T int8 bias", "fp16 [64x4096] @ [4096x4096]^T int8",
-                   "bf16 [4096x4100] @ [4096x4100]^T int8"):
+                   "bf16 [4096x4100] @ [4096x4100]^T int8",
+                   "bf16 [4096x11008] H128 b4 trust integer", "fp16 [16x640] H128 b4 none rotated-out centered codes",
+                   "fp32 [4096x4096] H128 b8 trust rotated-out integer codes",
+                   "bf16 cage coupled [11008 cols] H128 vec16 integer grid"):
         assert needle in labels, needle
     # many configurations share a specialization: the gate compiles each once
     assert found["kernels"] < found["configs"] / 5
