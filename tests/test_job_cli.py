@@ -70,6 +70,11 @@ BAD_OPTIONS = [
     (["--n-heads", "0"], ["--n-heads", ">= 1", "0"]),
     (["--dim", "-64"], ["--dim", ">= 1"]),
     (["--n-layers", "0"], ["--n-layers", ">= 1"]),
+    (["--silence-ratio", "1.5"], ["--silence-ratio", "[0, 1)", "1.5"]),
+    (["--silence-ratio", "nan"], ["--silence-ratio", "[0, 1)"]),
+    (["--cage-lambda", "-1"], ["--cage-lambda", ">= 0", "-1"]),
+    (["--cage-lambda", "inf"], ["--cage-lambda", ">= 0"]),
+    (["--weight-decay", "-1"], ["--weight-decay", ">= 0", "-1"]),
 ]
 
 
@@ -148,3 +153,9 @@ def test_grad_clip_inf_trains_without_clipping(small_text):
     m = train(TrainConfig(method="quest", preset="tiny", steps=2, batch_size=2, seq_len=32, eval_batches=1,
                           threads=1, verbose=False, grad_clip=math.inf, data=str(small_text)))
     assert m["completed"] and math.isfinite(m["final_test_loss"])
+
+
+def test_python_only_recipe_numbers_are_checked_by_field_name():
+    for field, value in (("beta1", 1.0), ("beta2", -0.1), ("warmup_frac", 2.0), ("final_lr_frac", float("nan"))):
+        with pytest.raises(ValueError, match=f"TrainConfig.{field} must be a finite number"):
+            TrainConfig(**{field: value}).validate()

@@ -160,6 +160,21 @@ class TrainConfig:
             bad(f"--eval-split must be one of {SPLITS}, got {self.eval_split!r}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             bad(f"--lr must be a finite number > 0, got {self.lr}")
+        # the optimizer's and the schedule's numbers, by option name (CAGEAdamW would name its
+        # fields, and only after the corpus and the model were built)
+        for name, accepted, ok in (
+            ("weight_decay", ">= 0", lambda v: v >= 0),
+            ("cage_lambda", ">= 0", lambda v: v >= 0),
+            ("silence_ratio", "in [0, 1)", lambda v: 0 <= v < 1),
+            ("beta1", "in [0, 1)", lambda v: 0 <= v < 1),
+            ("beta2", "in [0, 1)", lambda v: 0 <= v < 1),
+            ("warmup_frac", "in [0, 1]", lambda v: 0 <= v <= 1),
+            ("final_lr_frac", "in [0, 1]", lambda v: 0 <= v <= 1),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and ok(v)):
+                label = _option(name) if name in CLI_FIELDS else f"TrainConfig.{name}"
+                bad(f"{label} must be a finite number {accepted}, got {v!r}")
         if not self.grad_clip > 0:  # torch's max_norm; 0 would zero every update, < 0 reverse it
             bad(f"--grad-clip must be > 0 (the largest gradient norm; inf: no clipping), got {self.grad_clip}")
         if self.resume and self.overwrite:
@@ -220,6 +235,10 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# fields that are `cage train` options (the others are set in Python only)
+CLI_FIELDS = ("weight_decay", "cage_lambda", "silence_ratio")
 
 
 def _option(field: str) -> str:
