@@ -113,3 +113,33 @@ def test_missing_and_empty_data_paths_are_clear_errors(tmp_path):
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(ValueError, match="too small"):
         TextData(load_corpus(tmp_path / "short.txt"), seq_len=64, seed=0)
+
+
+def _load_in_child(path, timeout=30):
+    """load_corpus(path) in a child process (a hang there cannot hang the suite): (rc, output)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys; from cage.llama.data import load_corpus\n"
+            "try:\n    c = load_corpus(sys.argv[1]); print('FILES', c.files)\n"
+            "except ValueError as e:\n    print('ERROR', e); sys.exit(3)\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(path)], cwd=repo, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(repo)}, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"load_corpus({path}) hung") from None
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_a_fifo_in_a_data_folder_is_skipped_and_a_fifo_as_data_is_an_error(tmp_path):
+    import os
+
+    folder = write_corpus(tmp_path)
+    os.mkfifo(folder / "pipe.txt")  # reading it would wait for a writer forever
+    rc, out = _load_in_child(folder)
+    assert rc == 0 and "FILES ['b.txt', 'sub/a.txt']" in out, out
+    rc, out = _load_in_child(folder / "pipe.txt")
+    assert rc == 3 and "not a regular file or a folder" in out and "pipe.txt" in out, out

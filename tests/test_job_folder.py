@@ -222,3 +222,27 @@ def test_a_cut_off_last_row_of_the_train_log_is_dropped_on_resume(tmp_path, smal
     with open(log, newline="") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_before_the_first_step_stops_at_once(tmp_path, small_text, monkeypatch, capsys):
+    """A signal while the corpus loads (a slow or stuck read) ends the run there: it has
+    nothing to checkpoint, so it does not wait for a first step that may never come."""
+    import os
+    import signal
+    import time
+
+    real_load = loop_mod.load_corpus
+
+    def stuck(path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # a read that never returns
+        return real_load(path)
+
+    monkeypatch.setattr(loop_mod, "load_corpus", stuck)
+    before = signal.getsignal(signal.SIGTERM)
+    t0 = time.perf_counter()
+    assert cli.main(["train", *TINY, "--data", str(small_text), "--out", str(tmp_path / "r")]) == 143
+    assert time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err
+    assert "SIGTERM before the first step" in err and "nothing was saved" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are back

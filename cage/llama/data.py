@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import stat
 import sysconfig
 from pathlib import Path
 
@@ -98,16 +99,26 @@ def _is_text(path: Path) -> bool:
         return b"\0" not in f.read(8192)
 
 
+def _is_regular(path: Path) -> bool:
+    """A regular file (or a link to one): not a FIFO, socket or device, whose reading can block
+    forever (a FIFO without a writer) or never end."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:  # a dangling link, a file removed meanwhile
+        return False
+
+
 def _walk_sorted(root: Path, suffix: str | None = None) -> list[Path]:
-    """Files under ``root`` (recursively, hidden folders and files skipped), in a sorted order
-    that does not depend on the file system."""
+    """Regular files under ``root`` (recursively, hidden folders and files skipped), in a sorted
+    order that does not depend on the file system."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
         for name in filenames:
             if name.startswith(".") or (suffix and not name.endswith(suffix)):
                 continue
-            found.append(Path(dirpath) / name)
+            if _is_regular(Path(dirpath) / name):
+                found.append(Path(dirpath) / name)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -161,6 +172,9 @@ def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"--data: {str(path)!r} does not exist (give a text file or a folder of text files)")
+    if not (root.is_dir() or _is_regular(root)):
+        raise ValueError(f"--data: {str(path)!r} is not a regular file or a folder (a FIFO, socket or device "
+                         "cannot be read as a corpus: reading one can wait forever)")
     if root.is_file():
         files = [root]
     else:

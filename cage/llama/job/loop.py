@@ -33,7 +33,7 @@ from .distributed import Parallel, setup
 from .machine import autocast_context, choose_threads, environment, resolve_device, to_device
 from .plots import save_plot
 from .records import TrainRecords, weight_grid_distance
-from .signals import TrainingInterrupted, stop_on_signals
+from .signals import SignalBeforeStart, TrainingInterrupted, stop_on_signals
 
 
 @torch.no_grad()
@@ -169,6 +169,9 @@ def train(cfg: TrainConfig) -> dict:
             except TrainingInterrupted:
                 par.close()  # every process stops at the same step
                 raise
+            except SignalBeforeStart as early:
+                par.close(clean=False)
+                raise _interrupted_before_start(early.signum, cfg, par) from None
             except BaseException:
                 par.close(clean=False)
                 raise
@@ -357,6 +360,7 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
         saved_step = step  # (without --out: the step whose state would have been saved)
         return m
 
+    stop_request.arm()  # from here a signal finishes the step and checkpoints
     try:
         if step == 0 and not cfg.resume:
             log(f"step 0: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
@@ -458,6 +462,17 @@ def _interrupted(signum: int, step: int, cfg: TrainConfig, out: Path | None, par
         f"{name}: stopped after step {step} of {cfg.steps} and checkpointed it; continue from step {step} with\n"
         f"  {resume_command(cfg, out, par)}", par.is_main,
     )
+
+
+def _interrupted_before_start(signum: int, cfg: TrainConfig, par: Parallel) -> TrainingInterrupted:
+    name = signal.Signals(signum).name
+    if cfg.resume and cfg.out:
+        after = (f"its checkpoint in {cfg.out} is unchanged; continue with: "
+                 f"{resume_command(cfg, Path(cfg.out), par)}")
+    else:
+        after = "nothing was saved" + ("" if cfg.out else " (no --out)")
+    return TrainingInterrupted(signum, 0, f"{name} before the first step of this session: stopped; {after}",
+                               par.is_main)
 
 
 def resume_command(cfg: TrainConfig, out: Path, par: Parallel) -> str:
