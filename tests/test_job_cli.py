@@ -159,3 +159,27 @@ def test_python_only_recipe_numbers_are_checked_by_field_name():
     for field, value in (("beta1", 1.0), ("beta2", -0.1), ("warmup_frac", 2.0), ("final_lr_frac", float("nan"))):
         with pytest.raises(ValueError, match=f"TrainConfig.{field} must be a finite number"):
             TrainConfig(**{field: value}).validate()
+
+
+def test_a_batch_too_big_for_the_memory_is_one_line_before_any_work(no_work, capsys, monkeypatch):
+    from cage.llama.job import machine
+
+    monkeypatch.setattr(machine, "memory_bytes", lambda device: 8 << 30)  # an 8 GiB machine
+    err = _error(capsys, [*TINY, "--batch-size", "1048576"])
+    for words in ("--batch-size 1048576", "1048576 sequences x 32 tokens", "GiB", "8.0 GiB", "--grad-accum"):
+        assert words in err, (words, err)
+    assert list(no_work.iterdir()) == []
+    # the same global batch in micro-batches that fit passes the check
+    TrainConfig(preset="tiny", seq_len=32, batch_size=1048576, grad_accum=1024).validate()
+    with pytest.raises(ValueError, match="--batch-size 1048576: one micro-batch of 1024 sequences"):
+        monkeypatch.setattr(machine, "memory_bytes", lambda device: 1 << 20)
+        TrainConfig(preset="tiny", seq_len=32, batch_size=1048576, grad_accum=1024).validate()
+    monkeypatch.setattr(machine, "memory_bytes", lambda device: None)  # unknown: not checked
+    TrainConfig(preset="tiny", seq_len=32, batch_size=1048576).validate()
+
+
+def test_the_default_job_is_far_below_the_memory_check():
+    from cage.llama.job import config as config_mod
+
+    cfg = TrainConfig()
+    assert config_mod.activation_bytes_lower_bound(cfg, cfg.batch_size) < 200 << 20

@@ -9,7 +9,10 @@ import os
 from ...backend import resolve as resolve_backend
 from ..data import SPLITS
 from ..model import PRESET_LR, PRESETS, config_from_preset
+import torch
+
 from ...optim import COUPLINGS, SCHEDULES
+from . import machine
 from .machine import resolve_device
 
 METHODS = ("bf16", "ste", "quest", "cage")
@@ -198,6 +201,24 @@ class TrainConfig:
         elif self.batch_size % self.grad_accum:
             bad(f"--batch-size ({self.batch_size}, the global batch of a step) must be divisible by "
                 f"--grad-accum ({self.grad_accum})")
+        self._check_memory(bad)
+
+    def _check_memory(self, bad) -> None:
+        """A micro-batch whose activations cannot fit the device's memory (a lower bound of them
+        against its total memory) is an error here, not an allocation that swaps or is killed."""
+        device = resolve_device(self.device)
+        total = machine.memory_bytes(device)
+        if total is None:
+            return
+        processes = int(os.environ.get("WORLD_SIZE", "1")) if self.parallel != "none" else 1
+        micro = max(1, self.batch_size // (processes * self.grad_accum))
+        need = activation_bytes_lower_bound(self, micro, device)
+        if need > total:
+            per = f" per process of {processes}" if processes > 1 else ""
+            bad(f"--batch-size {self.batch_size}: one micro-batch of {micro} sequences x {self.seq_len} tokens{per} "
+                f"needs at least {need / 2**30:.1f} GiB for its activations, more than the {total / 2**30:.1f} GiB "
+                f"of memory of {device}; use a smaller --batch-size, or --grad-accum K to split each step into "
+                "K micro-batches")
 
     # ---- derived values
 
@@ -239,6 +260,19 @@ class TrainConfig:
 
 # fields that are `cage train` options (the others are set in Python only)
 CLI_FIELDS = ("weight_decay", "cage_lambda", "silence_ratio")
+
+
+def activation_bytes_lower_bound(cfg: TrainConfig, sequences: int, device: torch.device | None = None) -> int:
+    """Bytes that the forward of ``sequences`` x ``cfg.seq_len`` tokens certainly keeps for its
+    backward (a lower bound: the real figure is several times it): per token, the logits and the
+    fp32 log-softmax of the loss, and per layer the two normed inputs and the SwiGLU's three
+    hidden vectors, in the autocast dtype (bf16 on CUDA by default, else fp32)."""
+    mcfg = cfg.model_config()
+    device = device if device is not None else resolve_device(cfg.device)
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    elem = 2 if bf16 else 4
+    per_token = mcfg.vocab_size * (elem + 4) + mcfg.n_layers * (2 * mcfg.dim + 3 * mcfg.ffn_dim) * elem
+    return sequences * cfg.seq_len * per_token
 
 
 def _option(field: str) -> str:

@@ -74,6 +74,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory a run on ``device`` can have at most: the GPU's total memory for CUDA, the
+    machine's physical memory for the CPU; None where it is not known (MPS, no sysconf)."""
+    if device.type == "cuda":
+        try:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            return torch.cuda.get_device_properties(index).total_memory
+        except (RuntimeError, AssertionError, AttributeError):  # no usable CUDA after all
+            return None
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
 def use_device(device: torch.device) -> torch.device:
     """Make a CUDA ``device`` the current one (``torch.cuda.set_device``: what runs without an
     explicit device, Triton launches and the caching allocator's default, goes there, so
