@@ -1,4 +1,10 @@
-"""CAGE quantization-aware training: QuEST quantizer, CAGE-AdamW, Llama QAT job."""
+"""CAGE quantization-aware training: QuEST quantizer, CAGE-AdamW, Llama QAT job.
+
+``cage.hf`` (the Hugging Face round trip) is a lazy attribute: it is imported on first use, so
+``import cage`` imports neither it nor transformers.
+"""
+
+import importlib as _importlib
 
 from .config import ALPHA, QuantConfig
 from .convert import QuantizedLinear, convert
@@ -25,3 +31,15 @@ __all__ = [
     "size_report",
 ]
 __version__ = "0.1.0"
+
+_LAZY_MODULES = ("hf",)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return _importlib.import_module(f".{name}", __name__)  # also sets the attribute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY_MODULES})
