@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 
 import torch
@@ -115,6 +116,20 @@ def _skip_fn(skip) -> Callable[[str, nn.Module], bool]:
     return lambda qualified_name, module: qualified_name.rsplit(".", 1)[-1] in names
 
 
+AUTO_BLOCK = "auto"
+
+
+def fit_block(config: QuantConfig | None, in_features: int) -> QuantConfig | None:
+    """``config`` with the largest power-of-two block up to its own ``block_size`` that divides
+    ``in_features`` (``prepare_qat(..., block_size="auto")``); unrotated configs as they are."""
+    if config is None or not config.hadamard or in_features % config.block_size == 0:
+        return config
+    b = config.block_size
+    while in_features % b:
+        b //= 2
+    return dataclasses.replace(config, block_size=b)
+
+
 def prepare_qat(
     model: nn.Module,
     weight: QuantConfig | None = None,
@@ -122,18 +137,32 @@ def prepare_qat(
     skip: Iterable[str] | Callable[[str, nn.Module], bool] | str | None = DEFAULT_SKIP,
     backend: str = "auto",
     matmul: str = "auto",
+    block_size: str | None = None,
 ) -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` for a :class:`QATLinear`, in place.
 
     Parameters stay the same tensors under the same ``state_dict`` names. ``skip`` is a
     set of module names (the last component of the qualified name; by default the output
-    head) or a predicate ``(qualified_name, module) -> bool``. A linear layer whose input
-    width the rotation block does not divide is an error that names the layer. ``matmul``
-    chooses how the forward multiplies (see :class:`QATLinear`; a runtime option).
+    head) or a predicate ``(qualified_name, module) -> bool``.
+
+    A linear layer whose input width the rotation block does not divide is an error that names
+    the layer; ``block_size="auto"`` instead gives each layer the largest power of two up to
+    the config's ``block_size`` (128 by default) that divides its ``in_features``, on both
+    sides (as ``cage train`` chooses its block). ``matmul`` chooses how the forward multiplies
+    (see :class:`QATLinear`; a runtime option).
     """
     _backend.check_backend_name(backend, "prepare_qat")
     _int8.check_matmul_name(matmul, "prepare_qat")
+    if block_size not in (None, AUTO_BLOCK):
+        raise ValueError(f"prepare_qat: block_size must be None or 'auto' (per layer), got {block_size!r}; "
+                         "a fixed block goes in QuantConfig(block_size=...)")
     should_skip = _skip_fn(skip)
+
+    def configs(linear: nn.Linear) -> tuple[QuantConfig | None, QuantConfig | None]:
+        if block_size != AUTO_BLOCK:
+            return weight, activation
+        return fit_block(weight, linear.in_features), fit_block(activation, linear.in_features)
+
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -143,11 +172,13 @@ def prepare_qat(
     # fails leaves the model exactly as it was, not half converted.
     replacements = []
     for name, linear in targets:
+        wq, aq = configs(linear)
         try:
-            new = QATLinear.from_linear(linear, weight_quant=weight, act_quant=activation, backend=backend,
-                                        matmul=matmul)
+            new = QATLinear.from_linear(linear, weight_quant=wq, act_quant=aq, backend=backend, matmul=matmul)
         except (TypeError, ValueError) as err:
-            raise type(err)(f"prepare_qat: layer {name!r}: {err}") from None
+            hint = "; or prepare_qat(..., block_size='auto') to fit the block to each layer" if (
+                "block_size" in str(err) and block_size is None) else ""
+            raise type(err)(f"prepare_qat: layer {name!r}: {err}{hint}") from None
         replacements.append((name, new))
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")

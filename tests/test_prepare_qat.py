@@ -1,0 +1,45 @@
+"""``prepare_qat`` as a newcomer uses it (issue 18 item 10): an automatic Hadamard block for
+narrow layers."""
+
+import pytest
+import torch
+from torch import nn
+
+import cage
+from cage import QATLinear, QuantConfig, prepare_qat
+
+
+def odd_widths():
+    return nn.Sequential(nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 200), nn.ReLU(), nn.Linear(200, 10))
+
+
+def test_block_size_auto_fits_each_layer():
+    with pytest.raises(ValueError, match=r"layer '0'.*\(96\).*block_size \(128\).*block_size='auto'"):
+        prepare_qat(odd_widths(), weight=QuantConfig(4), activation=QuantConfig(4))
+    model = prepare_qat(odd_widths(), weight=QuantConfig(4), activation=QuantConfig(4), block_size="auto")
+    blocks = {name: (m.weight_quant.block_size, m.act_quant.block_size)
+              for name, m in model.named_modules() if isinstance(m, QATLinear)}
+    # the largest power of two <= 128 that divides each layer's in_features, the same on both sides
+    assert blocks == {"0": (32, 32), "2": (32, 32), "4": (8, 8)}
+    assert all(m._shares_rotation() for m in model.modules() if isinstance(m, QATLinear))
+    assert model(torch.randn(5, 96)).shape == (5, 10)
+    # a smaller block in the config is the upper limit; unrotated configs are left alone
+    model = prepare_qat(odd_widths(), weight=QuantConfig(4, block_size=16), activation=QuantConfig(4, hadamard=False),
+                        block_size="auto")
+    assert [m.weight_quant.block_size for m in model.modules() if isinstance(m, QATLinear)] == [16, 16, 8]
+    assert all(m.act_quant == QuantConfig(4, hadamard=False) for m in model.modules() if isinstance(m, QATLinear))
+    # the optimizer groups follow the per-layer configs (one group per distinct config)
+    groups = cage.qat_param_groups(model, 0.1)
+    assert sorted(g["quant"].block_size for g in groups if g["quant"] is not None) == [8, 16]
+    with pytest.raises(ValueError, match="block_size must be None or 'auto'"):
+        prepare_qat(odd_widths(), weight=QuantConfig(4), block_size=64)
+
+
+def test_block_size_auto_is_the_job_s_choice_on_the_llama():
+    from cage.llama.job import TrainConfig
+    from cage.llama.model import Llama
+
+    cfg = TrainConfig(preset="tiny")
+    model = prepare_qat(Llama(cfg.model_config()), weight=QuantConfig(4), activation=QuantConfig(4),
+                        block_size="auto")
+    assert {m.weight_quant.block_size for m in model.modules() if isinstance(m, QATLinear)} == {cfg.hadamard_block()}
