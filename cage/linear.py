@@ -150,6 +150,12 @@ def prepare_qat(
     the config's ``block_size`` (128 by default) that divides its ``in_features``, on both
     sides (as ``cage train`` chooses its block). ``matmul`` chooses how the forward multiplies
     (see :class:`QATLinear`; a runtime option).
+
+    Errors, before anything changes: a model already prepared whose ``QATLinear`` layers have
+    other configs than this call's (a second call with other bits is not silently ignored:
+    prepare the original model, or set ``layer.weight_quant`` / ``layer.act_quant`` yourself). A second call with the same configs
+    converts the ``nn.Linear`` layers left (those it does not skip); the layers prepared before
+    keep their ``backend`` and ``matmul``.
     """
     _backend.check_backend_name(backend, "prepare_qat")
     _int8.check_matmul_name(matmul, "prepare_qat")
@@ -163,11 +169,18 @@ def prepare_qat(
             return weight, activation
         return fit_block(weight, linear.in_features), fit_block(activation, linear.in_features)
 
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and not should_skip(name, module)
-    ]
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    prepared = [(name, m) for name, m in model.named_modules() if isinstance(m, QATLinear)]
+    for name, layer in prepared:
+        want = configs(layer)
+        if (layer.weight_quant, layer.act_quant) != want:
+            raise ValueError(
+                f"prepare_qat: the model is already prepared: layer {name!r} is already a QATLinear with weight "
+                f"{layer.weight_quant} and activation {layer.act_quant}, and this call asks for weight {want[0]} "
+                f"and activation {want[1]}; prepare the original model again, or set the layer's weight_quant "
+                "and act_quant"
+            )
+    targets = [(name, module) for name, module in linears if not should_skip(name, module)]
     # Every replacement is built (and so validated) before the first swap: a layer that
     # fails leaves the model exactly as it was, not half converted.
     replacements = []

@@ -1,5 +1,5 @@
 """``prepare_qat`` as a newcomer uses it (issue 18 item 10): an automatic Hadamard block for
-narrow layers."""
+narrow layers, a second call that does not silently keep the first call's configs."""
 
 import pytest
 import torch
@@ -43,3 +43,17 @@ def test_block_size_auto_is_the_job_s_choice_on_the_llama():
     model = prepare_qat(Llama(cfg.model_config()), weight=QuantConfig(4), activation=QuantConfig(4),
                         block_size="auto")
     assert {m.weight_quant.block_size for m in model.modules() if isinstance(m, QATLinear)} == {cfg.hadamard_block()}
+
+
+def test_a_second_prepare_qat_with_other_configs_is_an_error():
+    model = prepare_qat(nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128)), weight=QuantConfig(4),
+                        activation=QuantConfig(4), skip=("1",))
+    before = [(type(m), getattr(m, "weight_quant", None)) for m in model]
+    with pytest.raises(ValueError, match=r"layer '0' is already a QATLinear with weight W4/H128/trust.*W3/H128/trust"):
+        prepare_qat(model, weight=QuantConfig(3), activation=QuantConfig(3), skip=())
+    assert [(type(m), getattr(m, "weight_quant", None)) for m in model] == before  # nothing changed
+    # the same configs again: converts what is left (layer 1 now); layer 0 is kept as it was
+    first = model[0]
+    prepare_qat(model, weight=QuantConfig(4), activation=QuantConfig(4), skip=(), matmul="int8")
+    assert all(isinstance(m, QATLinear) and m.weight_quant == QuantConfig(4) for m in model)
+    assert model[0] is first and first.matmul == "auto" and model[1].matmul == "int8"
