@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -151,11 +152,12 @@ def prepare_qat(
     sides (as ``cage train`` chooses its block). ``matmul`` chooses how the forward multiplies
     (see :class:`QATLinear`; a runtime option).
 
-    Errors, before anything changes: a model already prepared whose ``QATLinear`` layers have
-    other configs than this call's (a second call with other bits is not silently ignored:
-    prepare the original model, or set ``layer.weight_quant`` / ``layer.act_quant`` yourself). A second call with the same configs
+    Errors, before anything changes: a model with no ``nn.Linear`` (nothing to quantize), and a
+    model already prepared whose ``QATLinear`` layers have other configs than this call's (a
+    second call with other bits is not silently ignored: prepare the original model, or set
+    ``layer.weight_quant`` / ``layer.act_quant`` yourself). A second call with the same configs
     converts the ``nn.Linear`` layers left (those it does not skip); the layers prepared before
-    keep their ``backend`` and ``matmul``.
+    keep their ``backend`` and ``matmul``. A call that skips every ``nn.Linear`` warns.
     """
     _backend.check_backend_name(backend, "prepare_qat")
     _int8.check_matmul_name(matmul, "prepare_qat")
@@ -171,6 +173,11 @@ def prepare_qat(
 
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     prepared = [(name, m) for name, m in model.named_modules() if isinstance(m, QATLinear)]
+    if not linears and not prepared:
+        raise ValueError(
+            f"prepare_qat: the model ({type(model).__name__}) has no nn.Linear layer to quantize; "
+            "prepare_qat swaps nn.Linear modules only (not Conv1d, transformers' GPT-2 Conv1D or other layers)"
+        )
     for name, layer in prepared:
         want = configs(layer)
         if (layer.weight_quant, layer.act_quant) != want:
@@ -181,6 +188,11 @@ def prepare_qat(
                 "and act_quant"
             )
     targets = [(name, module) for name, module in linears if not should_skip(name, module)]
+    if linears and not targets and not prepared:
+        warnings.warn(
+            f"prepare_qat: every nn.Linear of the model is skipped ({', '.join(repr(n) for n, _ in linears[:4])}"
+            f"{', ...' if len(linears) > 4 else ''}): nothing is quantized; see skip=", UserWarning, stacklevel=2,
+        )
     # Every replacement is built (and so validated) before the first swap: a layer that
     # fails leaves the model exactly as it was, not half converted.
     replacements = []

@@ -1,5 +1,6 @@
 """``prepare_qat`` as a newcomer uses it (issue 18 item 10): an automatic Hadamard block for
-narrow layers, a second call that does not silently keep the first call's configs."""
+narrow layers, a second call that does not silently keep the first call's configs, a model
+without nn.Linear."""
 
 import pytest
 import torch
@@ -57,3 +58,10 @@ def test_a_second_prepare_qat_with_other_configs_is_an_error():
     prepare_qat(model, weight=QuantConfig(4), activation=QuantConfig(4), skip=(), matmul="int8")
     assert all(isinstance(m, QATLinear) and m.weight_quant == QuantConfig(4) for m in model)
     assert model[0] is first and first.matmul == "auto" and model[1].matmul == "int8"
+
+
+def test_a_model_without_linear_layers_is_an_error_and_all_skipped_a_warning():
+    with pytest.raises(ValueError, match="no nn.Linear layer"):
+        prepare_qat(nn.Sequential(nn.Conv1d(4, 4, 1), nn.ReLU()), weight=QuantConfig(4))
+    with pytest.warns(UserWarning, match="every nn.Linear of the model is skipped"):
+        prepare_qat(nn.Sequential(nn.Linear(128, 8)), weight=QuantConfig(4), skip=lambda name, m: True)
