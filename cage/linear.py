@@ -144,7 +144,9 @@ def prepare_qat(
 
     Parameters stay the same tensors under the same ``state_dict`` names. ``skip`` is a
     set of module names (the last component of the qualified name; by default the output
-    head) or a predicate ``(qualified_name, module) -> bool``.
+    head, ``DEFAULT_SKIP``) or a predicate ``(qualified_name, module) -> bool``. It works by
+    name only: the layers of an ``nn.Sequential`` are named ``"0"``, ``"1"``, ..., so its last
+    layer is quantized unless skipped by its name (``skip=("2",)``) or a predicate.
 
     A linear layer whose input width the rotation block does not divide is an error that names
     the layer; ``block_size="auto"`` instead gives each layer the largest power of two up to

@@ -1,6 +1,8 @@
 """``prepare_qat`` as a newcomer uses it (issue 18 item 10): an automatic Hadamard block for
 narrow layers, a second call that does not silently keep the first call's configs, a model
-without nn.Linear."""
+without nn.Linear, and the skip list working by name (the last layer of an nn.Sequential)."""
+
+import warnings
 
 import pytest
 import torch
@@ -65,3 +67,18 @@ def test_a_model_without_linear_layers_is_an_error_and_all_skipped_a_warning():
         prepare_qat(nn.Sequential(nn.Conv1d(4, 4, 1), nn.ReLU()), weight=QuantConfig(4))
     with pytest.warns(UserWarning, match="every nn.Linear of the model is skipped"):
         prepare_qat(nn.Sequential(nn.Linear(128, 8)), weight=QuantConfig(4), skip=lambda name, m: True)
+
+
+def test_the_skip_list_works_by_name():
+    # an nn.Sequential's layers are named "0", "1", ...: none is called lm_head, so its last
+    # layer is quantized unless skipped by its name (documented; not guessed)
+    model = prepare_qat(nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 10)), weight=QuantConfig(4))
+    assert isinstance(model[1], QATLinear)
+    model = prepare_qat(nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 10)), weight=QuantConfig(4), skip=("1",))
+    assert type(model[1]) is nn.Linear and isinstance(model[0], QATLinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model with an lm_head converts without a warning
+        from cage.llama.model import Llama, config_from_preset
+
+        llama = prepare_qat(Llama(config_from_preset("tiny")), weight=QuantConfig(4), block_size="auto")
+    assert type(llama.lm_head) is nn.Linear
