@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh study            # one chunk of the accuracy study (its own command)
 #   bash benchmarks/gpu_session.sh --dry-run        # the same on a CPU: interpreter, tiny sizes (DRY_RUN=1 too)
 #
-# Modes: all (the default: env, sync, host, kernels, optimizer, fake_quant, dequant_matmul,
+# Modes: all (the default: env, sync, host, kernels, optimizer, fake_quant, dequant_matmul, int8_linear,
 # train_step), kernels (env, kernels), bench (env, host and the four benchmarks), host, sync,
 # study (env, study). GPU_SESSION_PARTS=a,b,... runs those parts instead.
 #
@@ -20,7 +20,7 @@
 #   kernels 120   the kernel tests with CUDA tensors (compiled Triton), pytest -n 8 (serial when
 #                 pytest-xdist is missing), no -x, --junitxml; on its timeout pytest gets SIGINT
 #                 and still writes the junit file of the tests that ran
-#   optimizer 70, fake_quant 50, dequant_matmul 30, train_step 45
+#   optimizer 70, fake_quant 50, dequant_matmul 30, int8_linear 20, train_step 45
 #                 the benchmarks, each with --time-budget-s (its timeout less 20 s: it starts no
 #                 row after that and still writes its files) and the torch.compile baselines
 #                 capped by --compile-budget-s
@@ -66,9 +66,9 @@ if [ "$dry" = 1 ]; then
 fi
 
 case $mode in
-  all) parts="env sync host kernels optimizer fake_quant dequant_matmul train_step" ;;
+  all) parts="env sync host kernels optimizer fake_quant dequant_matmul int8_linear train_step" ;;
   kernels) parts="env kernels" ;;
-  bench) parts="env host optimizer fake_quant dequant_matmul train_step" ;;
+  bench) parts="env host optimizer fake_quant dequant_matmul int8_linear train_step" ;;
   host) parts="env host" ;;
   sync) parts="env sync" ;;
   study) parts="env study" ;;
@@ -77,7 +77,7 @@ esac
 
 STUDY_MINUTES=${STUDY_MINUTES:-7}
 declare -A CAP=([env]=20 [sync]=45 [host]=35 [kernels]=120 [optimizer]=70 [fake_quant]=50
-                [dequant_matmul]=30 [train_step]=45 [study]=$((STUDY_MINUTES * 60 + 45)))
+                [dequant_matmul]=30 [int8_linear]=20 [train_step]=45 [study]=$((STUDY_MINUTES * 60 + 45)))
 for p in $parts; do
   [ -n "${CAP[$p]:-}" ] || { echo "gpu_session.sh: unknown part '$p' (${!CAP[*]})" >&2; exit 2; }
   v="CAP_$p"
@@ -479,15 +479,17 @@ if [ "$dry" = 1 ]; then
   part_optimizer() { bench bench_optimizer --preset tiny $CPU_ARGS --dtypes fp32 --methods cage-triton-default,cage-triton-found-inf,adamw-fused; }
   part_fake_quant() { bench bench_fake_quant --preset tiny $CPU_ARGS; }
   part_dequant_matmul() { bench bench_dequant_matmul --preset tiny --device cpu; }
+  part_int8_linear() { bench bench_int8_linear --preset tiny --device cpu; }
   part_train_step() { bench bench_train_step --preset tiny $CPU_ARGS --methods bf16,cage-triton-found-inf --warmup-steps 0 --steps 1; }
 else
   HOST_ARGS="--device cuda"
   part_optimizer() { bench bench_optimizer --device cuda --rep-ms 300 --compile-budget-s 25; }
   part_fake_quant() { bench bench_fake_quant --device cuda --rep-ms 100 --compile-budget-s 20; }
   part_dequant_matmul() { bench bench_dequant_matmul --device cuda --rep-ms 100; }
+  part_int8_linear() { bench bench_int8_linear --device cuda --rep-ms 100; }
   part_train_step() {
     bench bench_train_step --device cuda --warmup-steps 2 --steps 5 \
-      --methods bf16,cage-triton,cage-triton-found-inf,quest-triton,quest-eager,cage-eager
+      --methods bf16,cage-triton,quest-int8,quest-int8-fused,cage-triton-found-inf,quest-triton,torchao-float8,quest-eager,cage-eager
   }
 fi
 
@@ -527,7 +529,7 @@ part_study() {
 export ROOT WORK TMP PY mode dry parts STUDY_MINUTES
 export CPU_ARGS="--device cpu --threads 1 --cpu-runs 1 --no-compile" HOST_ARGS
 export -f part_env part_sync kernel_tests part_kernels bench budget_for part_host part_optimizer part_fake_quant \
-  part_dequant_matmul part_train_step part_study
+  part_dequant_matmul part_int8_linear part_train_step part_study
 
 log "mode $mode$([ "$dry" = 1 ] && echo ' (dry run: CPU, interpreter, tiny sizes)'), parts: $parts; budget ${BUDGET}s; out $OUT_DIR/$NAME"
 for p in $parts; do

@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-NAMES = ("optimizer", "fake_quant", "train_step", "dequant_matmul", "host")
+NAMES = ("optimizer", "fake_quant", "train_step", "dequant_matmul", "int8_linear", "host")
 # --tiny: each benchmark's smallest preset that runs (bench_host's "tiny" activations, 64
 # columns, are not whole Hadamard blocks of 128; its "small" takes seconds with launches stubbed)
 TINY_PRESETS = {"host": "small"}
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--fake-quant-args", default="", help="extra arguments for bench_fake_quant")
     p.add_argument("--train-step-args", default="", help="extra arguments for bench_train_step")
     p.add_argument("--dequant-matmul-args", default="", help="extra arguments for bench_dequant_matmul (GPU only)")
+    p.add_argument("--int8-linear-args", default="", help="extra arguments for bench_int8_linear")
     p.add_argument("--host-args", default="", help="extra arguments for bench_host (e.g. '--calls 50')")
     args, common_args = p.parse_known_args(argv)
     names = [n for n in args.only.split(",") if n]
@@ -60,13 +61,15 @@ def main(argv=None) -> int:
     if not device.startswith("cuda"):
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    from . import bench_dequant_matmul, bench_fake_quant, bench_host, bench_optimizer, bench_train_step, common
+    from . import (bench_dequant_matmul, bench_fake_quant, bench_host, bench_int8_linear, bench_optimizer,
+                   bench_train_step, common)
 
     benches = {
         "optimizer": (bench_optimizer, args.optimizer_args),
         "fake_quant": (bench_fake_quant, args.fake_quant_args),
         "train_step": (bench_train_step, args.train_step_args),
         "dequant_matmul": (bench_dequant_matmul, args.dequant_matmul_args),  # skips itself without CUDA
+        "int8_linear": (bench_int8_linear, args.int8_linear_args),
         "host": (bench_host, args.host_args),  # launches stubbed: host time only
     }
     out_dir = Path(args.out) if args.out is not None else common.RESULTS_DIR

@@ -140,8 +140,11 @@ def test_train_step_rows(train_step_run):
     assert ENV_KEYS <= set(data["env"]) and "NOT GPU results" in md
     rows = rows_of(data)
     assert [r["method"] for r in rows] == ["bf16", "quest-eager", "quest-triton", "cage-eager", "cage-triton",
-                                           "cage-triton-found-inf"]
+                                           "cage-triton-found-inf", "quest-int8", "quest-int8-fused",
+                                           "cage-triton-int8", "torchao-float8"]
     assert data["tokens_per_step"] == data["batch"] * data["seq"] == 64
+    skipped = rows.pop()  # torchao's float8 training needs an fp8 GPU
+    assert skipped["status"].startswith("skipped: torchao float8 training needs a CUDA GPU"), skipped
     for r in rows:
         assert r["status"] == "ok", r
         assert r["ms"] > 0
@@ -157,7 +160,7 @@ def test_run_all_writes_where_out_says_with_host_and_a_summary(smoke_out):
             "host-cpu-interpreter.json", "run_all-summary.json"} <= names
     summary = json.loads((smoke_out / "run_all-summary.json").read_text())
     by = {e["benchmark"]: e for e in summary}
-    assert list(by) == ["optimizer", "fake_quant", "train_step", "dequant_matmul", "host"]
+    assert list(by) == ["optimizer", "fake_quant", "train_step", "dequant_matmul", "int8_linear", "host"]
     assert by["dequant_matmul"]["status"].startswith("skipped") and by["optimizer"]["status"] == "ok"
     assert by["host"]["status"] == "ok" and by["host"]["goals"]  # the goals travel with the summary
     for e in summary:

@@ -105,7 +105,7 @@ def test_the_tarball_holds_the_junit_the_benchmarks_and_the_environment(dry_run)
     with open_tarball(out) as tar:
         names = set(tar.getnames())
         parts = parts_table(tar)
-        assert list(parts) == ["env", "sync", "host", "kernels", "optimizer", "fake_quant", "dequant_matmul",
+        assert list(parts) == ["env", "sync", "host", "kernels", "optimizer", "fake_quant", "dequant_matmul", "int8_linear",
                                "train_step"]
         assert all(p["status"] == "ok" and p["rc"] == "0" for p in parts.values()), parts
         # the parts' timeouts fit the session's budget, which fits the device's 10 minutes
