@@ -183,3 +183,18 @@ def test_the_default_job_is_far_below_the_memory_check():
 
     cfg = TrainConfig()
     assert config_mod.activation_bytes_lower_bound(cfg, cfg.batch_size) < 200 << 20
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--bits", "four"], ["--bits", "invalid int value: 'four'"]),
+    (["--method", "int4"], ["--method", "invalid choice: 'int4'"]),
+    (["--steps"], ["--steps", "expected one argument"]),
+])
+def test_a_value_argparse_rejects_is_one_line(argv, words, no_work, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", *argv])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cage train: error: ") and err.count("\n") == 1, err  # not the 18-line usage block
+    assert all(w in err for w in words) and "cage train --help" in err
+    assert list(no_work.iterdir()) == []

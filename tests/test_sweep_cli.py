@@ -89,3 +89,10 @@ def test_display_path(tmp_path, monkeypatch):
     assert display_path(None) is None and display_path("plays+stdlib") == "plays+stdlib"
     monkeypatch.chdir(REPO)
     assert _code_info()["package"] == "."
+
+
+def test_a_value_argparse_rejects_is_one_line(work, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["sweep", "--jobs", "two"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("cage sweep: error: argument --jobs") and err.count("\n") == 1

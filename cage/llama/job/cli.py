@@ -41,7 +41,18 @@ from .signals import TrainingInterrupted
 # alone, and on --resume the options not given come from the checkpoint's config.
 
 
+def one_line_errors(p: argparse.ArgumentParser) -> None:
+    """Make ``p`` report a value it cannot parse (``--bits four``) in one line, as the job's own
+    checks do, instead of argparse's usage block of every option followed by the error."""
+
+    def error(message: str):
+        p.exit(2, f"{p.prog}: error: {message} ({p.prog} --help lists the options)\n")
+
+    p.error = error
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    one_line_errors(p)
     d = TrainConfig()
 
     def opt(*flags, help, **kw):

@@ -52,6 +52,9 @@ def _ints(s):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..job.cli import one_line_errors
+
+    one_line_errors(p)
     p.add_argument("--preset", default="cpu", choices=list(SWEEP_PRESETS), help="sweep preset (default: cpu)")
     p.add_argument("--methods", type=lambda s: tuple(s.split(",")), help="comma list (default: bf16,ste,quest,cage)")
     p.add_argument("--bits", type=_ints, help="comma list of bit widths (default: the preset's)")
