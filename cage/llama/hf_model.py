@@ -1,0 +1,121 @@
+"""A Hugging Face ``LlamaForCausalLM`` behind the job's model interface (issue 19).
+
+The job calls ``model(idx, targets) -> (logits, loss)`` with targets already shifted by one (the
+data's windows are ``x = w[:-1]``, ``y = w[1:]``), reads ``model.layers`` (FSDP2 shards each block)
+and records ``model.config`` as a dict. :class:`HFCausalLM` gives the HF class exactly that, and
+nothing else: the HF model runs as it is (grouped-query attention, Llama-3 RoPE scaling, a
+separate ``head_dim``, tied embeddings), and the loss is computed here from its logits against the
+job's targets (passing ``labels`` to HF would shift them a second time).
+
+- :func:`load_hf_model` (``--hf-model DIR``): a local ``LlamaForCausalLM`` folder, pretrained
+  weights kept; :func:`hf_model_from_config` (``--hf-config FILE``): the same architecture from
+  its ``config.json``, initialised from scratch.
+- Quantization follows SPEC 3: the attention and MLP projections are QAT layers; the embedding and
+  ``lm_head`` stay in full precision (``HF_SKIP``; a tied head is the embedding, and stays too).
+- ``gradient_checkpointing=True`` turns HF's own activation checkpointing on.
+
+Fine-tuning defaults (``FINETUNE_DEFAULTS``): a learning rate of 2e-5 with 3% warm-up and a cosine
+to a tenth, which is the usual recipe of Llama fine-tunes (Llama 2's SFT used 2e-5, Alpaca 2e-5
+with 3% warm-up), and CAGE's silence ratio 0.5 (the CAGE paper's fine-tuning runs switch the
+correction on earlier than the pretraining default 0.8, as their examples with silence 0.5 do).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# What a prepared HF Llama leaves unquantized (SPEC 3: the output head; the embedding is not a Linear)
+HF_SKIP = ("lm_head",)
+FINETUNE_DEFAULTS = {"peak_lr": 2e-5, "warmup_frac": 0.03, "final_lr_frac": 0.1, "silence_ratio": 0.5}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - the hf extra brings it
+        raise ImportError("--hf-model / --hf-config need transformers: pip install -e '.[hf]'") from err
+    return transformers
+
+
+class HFCausalLM(nn.Module):
+    """``forward(idx, targets) -> (logits, mean cross-entropy or None)`` around an HF causal LM."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder blocks (what FSDP2 shards one by one)."""
+        return self.hf.model.layers
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def config_dict(self) -> dict:
+        return self.hf.config.to_dict()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.config.vocab_size
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.hf(input_ids=idx, use_cache=False).logits
+        loss = None
+        if targets is not None:  # already shifted: position t predicts targets[t]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+def _check_llama(config) -> None:
+    if getattr(config, "model_type", None) != "llama":
+        raise ValueError(f"--hf-model: the model is a {getattr(config, 'model_type', '?')!r}, not a Llama "
+                         "(model_type 'llama': LlamaForCausalLM)")
+
+
+def load_hf_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False
+                  ) -> HFCausalLM:
+    """The pretrained ``LlamaForCausalLM`` of a local folder (config.json + safetensors), in ``dtype``."""
+    transformers = _transformers()
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--hf-model: {str(folder)!r} holds no config.json (a LlamaForCausalLM folder)")
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    _check_llama(config)
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return _wrap(model, gradient_checkpointing)
+
+
+def hf_model_from_config(file: str | Path, *, seed: int, dtype: torch.dtype = torch.float32,
+                         gradient_checkpointing: bool = False) -> HFCausalLM:
+    """A ``LlamaForCausalLM`` of the architecture in ``file`` (a config.json), initialised from ``seed``."""
+    transformers = _transformers()
+    file = Path(file).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"--hf-config: {str(file)!r} does not exist (a Llama config.json)")
+    config = transformers.LlamaConfig.from_json_file(str(file))
+    _check_llama(config)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    return _wrap(model, gradient_checkpointing)
+
+
+def _wrap(model: nn.Module, gradient_checkpointing: bool) -> HFCausalLM:
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return HFCausalLM(model)
+
+
+def hf_block_size(config, largest: int = 128) -> int:
+    """The largest power of two <= ``largest`` dividing every quantized layer's input width
+    (the hidden size and the MLP's intermediate size)."""
+    block = largest
+    while block > 1 and (config.hidden_size % block or config.intermediate_size % block):
+        block //= 2
+    return block
