@@ -47,3 +47,14 @@ def test_the_hugging_face_loop_runs():
     assert torch.isfinite(scope["loss"])
     assert isinstance(scope["model"].model.layers[0].mlp.down_proj, cage.QATLinear)
     assert type(scope["model"].lm_head) is torch.nn.Linear
+
+
+def test_install_from_the_checkout():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    text = README.read_text()
+    assert "pip install cage-qat" not in text  # not published: the README must not say so
+    extras = set(tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = set(re.findall(r'pip install -e "\.\[([a-z,]+)\]"', text))
+    assert named and all(set(group.split(",")) <= extras for group in named), named
+
