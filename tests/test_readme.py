@@ -58,3 +58,10 @@ def test_install_from_the_checkout():
     named = set(re.findall(r'pip install -e "\.\[([a-z,]+)\]"', text))
     assert named and all(set(group.split(",")) <= extras for group in named), named
 
+
+def test_the_method_page_is_inside_the_checkout():
+    text = README.read_text()
+    assert "../shared" not in text and "(docs/METHOD.md)" in text
+    method = (README.parent / "docs" / "METHOD.md").read_text()
+    for constant in ("2.5139305786", "2.7088635630", "1.3 s", "linear_ramp", "0.8", "1.2e-3"):
+        assert constant in method, constant
