@@ -25,7 +25,7 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.1, final_fr
 
 
 def quant_configs(cfg: TrainConfig, block_size: int) -> tuple[QuantConfig | None, QuantConfig | None]:
-    """(weight, activation) quantizers of the run's method."""
+    """(weight, activation) quantizers of the run's method, on its grid."""
     if cfg.method == "bf16":
         return None, None
 
@@ -33,8 +33,8 @@ def quant_configs(cfg: TrainConfig, block_size: int) -> tuple[QuantConfig | None
         if bits == FULL_PRECISION_BITS:
             return None
         if cfg.method == "ste":
-            return QuantConfig(bits, hadamard=False, grad_mask="none")
-        return QuantConfig(bits, hadamard=True, block_size=block_size, grad_mask="trust")
+            return QuantConfig(bits, hadamard=False, grad_mask="none", grid=cfg.grid)
+        return QuantConfig(bits, hadamard=True, block_size=block_size, grad_mask="trust", grid=cfg.grid)
 
     return make(cfg.weight_bits), make(cfg.act_bits)
 

@@ -26,6 +26,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from ...config import GRIDS
 from ...optim import COUPLINGS, SCHEDULES
 from ..data import DATA_FILES, SPLITS
 from ..model import PRESETS
@@ -68,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--a-bits", type=int, help=f"activation bits (overrides --bits; {FULL_PRECISION_BITS}: unquantized)")
     opt("--block-size", type=int, help=f"Hadamard block of {'/'.join(ROTATED_METHODS)}: a power of two that "
         f"divides the model's quantized rows (default: the largest such up to {MAX_AUTO_BLOCK_SIZE})")
+    opt("--grid", choices=GRIDS, help="the quantizer's grid: centered (QuEST's 2**b levels (k - 1/2) d, no zero) "
+        "or integer (levels k d, k = -2**(b-1) .. 2**(b-1) - 1: zero included, what int4 serving kernels store; "
+        "2-8 bits)")
     opt("--preset", choices=list(PRESETS), help="model size")
     opt("--dim", type=int, help="model width (overrides the preset's)")
     opt("--n-layers", type=int, help="number of blocks (overrides the preset's)")

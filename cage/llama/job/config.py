@@ -7,6 +7,7 @@ import math
 import os
 
 from ...backend import resolve as resolve_backend
+from ...config import GRIDS
 from ..data import SPLITS
 from ..model import PRESET_LR, PRESETS, config_from_preset
 import torch
@@ -65,6 +66,7 @@ class TrainConfig:
     w_bits: int | None = None  # None: bits; 16: weights unquantized
     a_bits: int | None = None  # None: bits; 16: activations unquantized
     block_size: int | None = None  # Hadamard block; None: fit_block_size's choice for the model
+    grid: str = "centered"  # the quantizer's grid (QuantConfig.grid): centered (QuEST's) or integer
     preset: str = "cpu"
     dim: int | None = None  # None: the preset's
     n_layers: int | None = None
@@ -139,6 +141,15 @@ class TrainConfig:
         if self.method == "cage" and self.weight_bits == FULL_PRECISION_BITS:
             bad(f"--method cage corrects the weights towards their quantization grid, but --w-bits "
                 f"{FULL_PRECISION_BITS} leaves them unquantized: use --method quest, or --w-bits 1..8")
+        if self.grid not in GRIDS:
+            bad(f"--grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.grid != TrainConfig.grid:
+            if self.method == "bf16":
+                bad(f"--grid sets the quantizer's grid; method bf16 quantizes nothing (leave --grid out)")
+            quantized_bits = [b for b in (self.weight_bits, self.act_bits) if b != FULL_PRECISION_BITS]
+            if any(b < 2 for b in quantized_bits):
+                bad(f"--grid {self.grid} takes 2..8 bits (1 bit would be the levels -d and 0); --bits/--w-bits/"
+                    f"--a-bits ask for {min(quantized_bits)}: use --grid centered for 1 bit")
         if self.preset not in PRESETS:
             bad(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "max_skipped_steps"):
@@ -280,6 +291,9 @@ def _option(field: str) -> str:
 
 
 def default_out_dir(cfg: TrainConfig) -> str:
-    """runs/<method>-w<bits>a<bits>-<preset>-seed<seed>: where the CLI writes by default."""
+    """runs/<method>-w<bits>a<bits>[-<grid>]-<preset>-seed<seed>: where the CLI writes by default
+    (the grid named when it is not the default)."""
     bits = "" if cfg.method == "bf16" else f"-w{cfg.weight_bits}a{cfg.act_bits}"
+    if cfg.grid != TrainConfig.grid:
+        bits += f"-{cfg.grid}"
     return os.path.join("runs", f"{cfg.method}{bits}-{cfg.preset}-seed{cfg.seed}")

@@ -206,7 +206,9 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
     committed = None  # the DCP folder of the checkpoint that counts
     if cfg.resume:
         ckpt = resume_checkpoint(out)
-        _check_resume_config(ckpt["config"], cfg)
+        # a field the checkpoint's config lacks was added since it was written, with a default
+        # that is what the run did then (the centered grid, say)
+        _check_resume_config({**TrainConfig().to_dict(), **ckpt["config"]}, cfg)
         if ckpt["corpus_sha256"] != corpus.sha256:
             raise ValueError(
                 f"--resume: the corpus changed since the checkpoint was written (sha256 "
@@ -281,6 +283,7 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
             "method": cfg.method,
             "weight_quant": wq.to_dict() if wq else None,
             "activation_quant": aq.to_dict() if aq else None,
+            "grid": None if wq is None and aq is None else cfg.grid,
             "cage_lambda": cfg.optimizer_lambda,
             "peak_lr": cfg.peak_lr,
             "model": dataclasses.asdict(core.config),
