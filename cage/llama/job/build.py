@@ -46,5 +46,5 @@ def build_model(cfg: TrainConfig, device: torch.device):
     torch.manual_seed(cfg.seed)
     model = Llama(mcfg)
     if wq is not None or aq is not None:
-        prepare_qat(model, weight=wq, activation=aq, backend=cfg.backend)
+        prepare_qat(model, weight=wq, activation=aq, backend=cfg.backend, matmul=cfg.matmul)
     return model.to(device), wq, aq

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from ...config import GRIDS
+from ...ops.qat_linear import MATMULS
 from ...optim import COUPLINGS, SCHEDULES
 from ..data import DATA_FILES, SPLITS
 from ..model import PRESETS
@@ -108,6 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "run at the progress line where the last this many steps (>= 1) were all skipped")
     opt("--device", help=f"{DEVICES}")
     opt("--backend", choices=("auto", "torch", "triton"), help="quantizer/optimizer implementation")
+    opt("--matmul", choices=MATMULS, help="how the quantized layers multiply: dequant (F.linear on the "
+        "fake-quantized operands), int8 (torch._int_mm on their integer codes, same result to rounding), "
+        "int8-fused (the Triton int8 GEMM); auto is dequant; may change on --resume")
     opt("--parallel", choices=PARALLEL_MODES, help="data parallelism over the processes of `torchrun "
         "--nproc-per-node N -m cage train ...`: ddp, or fsdp2 (sharded); a resumed run takes it from "
         "this option, not from its checkpoint, and may use another number of processes")

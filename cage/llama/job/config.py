@@ -8,6 +8,7 @@ import os
 
 from ...backend import resolve as resolve_backend
 from ...config import GRIDS
+from ...ops.qat_linear import MATMULS
 from ..data import SPLITS
 from ..model import PRESET_LR, PRESETS, config_from_preset
 import torch
@@ -105,6 +106,9 @@ class TrainConfig:
     max_skipped_steps: int = 10
     device: str = "auto"
     backend: str = "auto"
+    # how the QAT layers multiply (prepare_qat's matmul): auto, dequant, int8, int8-fused; a runtime
+    # choice (the int8 product equals the dequantized one to the epilogue's rounding)
+    matmul: str = "auto"
     threads: int | None = None  # None on CPU: choose_threads() (the idle cores), kept on resume
     verbose: bool = True
     parallel: str = "none"  # ddp | fsdp2 under torchrun; how this session runs, not what it trains
@@ -112,7 +116,7 @@ class TrainConfig:
     # Fields that may differ between a run and its resumption: they do not change the weights.
     RESUMABLE_CHANGES = (
         "out", "resume", "overwrite", "stop_after", "time_limit_min", "eval_every", "log_every", "device", "backend",
-        "threads", "verbose", "max_skipped_steps",
+        "threads", "verbose", "max_skipped_steps", "matmul",
         # these change only the order in which the same gradients are summed
         "parallel", "grad_accum",
     )
@@ -205,6 +209,16 @@ class TrainConfig:
             bad(str(err))
         except ValueError as err:
             bad(str(err))
+        if self.matmul not in MATMULS:
+            bad(f"--matmul must be one of {MATMULS}, got {self.matmul!r}")
+        if self.matmul != TrainConfig.matmul and self.method == "bf16":
+            bad(f"--matmul {self.matmul} chooses the product of the quantized layers; method bf16 has none "
+                "(leave --matmul out)")
+        if self.matmul == "int8-fused":
+            try:
+                resolve_backend("triton", resolve_device(self.device), owner="--matmul int8-fused")
+            except RuntimeError as err:
+                bad(f"{err} (the fused int8 GEMM is a Triton kernel; --matmul int8 runs torch._int_mm)")
         if self.parallel not in PARALLEL_MODES:
             bad(f"--parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if not (isinstance(self.grad_accum, int) and self.grad_accum >= 1):

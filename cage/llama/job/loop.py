@@ -247,7 +247,8 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
         f"{corpus.tokens.numel() / 1e6:.2f}M bytes)\n"
         f"  {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
         + (f" ({cfg.grad_accum} micro-batches)" if cfg.grad_accum > 1 else "")
-        + f", peak lr {cfg.peak_lr:g}, device {device} ({dtype_name}, {torch.get_num_threads()} threads{layout})"
+        + f", peak lr {cfg.peak_lr:g}, device {device} ({dtype_name}, {torch.get_num_threads()} threads{layout}"
+        + (f", matmul {cfg.matmul}" if cfg.matmul != "auto" else "") + ")"
         + (f", resuming at step {step}" if cfg.resume else ""),
         flush=True,
     )
