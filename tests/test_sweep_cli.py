@@ -104,3 +104,53 @@ def test_a_glob_is_a_data_path_the_sweep_accepts(work, capsys):
     assert launched
     assert cli.main([*TINY, "--data", "*.nothing"]) == 2
     assert "--data *.nothing does not exist" in capsys.readouterr().err
+
+
+def test_the_grid_goes_to_the_quantized_cells(work, capsys):
+    folder, launched = work
+    argv = ["sweep", "--preset", "trend", "--tokens-per-param", "1", "--methods", "bf16,quest,cage", "--bits", "4",
+            "--seeds", "0", "--grid", "integer", "--data", "text.txt"]
+    assert cli.main(argv) == 1  # launch is stubbed: every cell "failed"
+    out = folder / "runs" / "sweep-trend-integer"  # the grid names the default sweep
+    cfgs = {d.name: json.loads((d / "cell.json").read_text())["train_config"]
+            for d in out.iterdir() if (d / "cell.json").is_file()}
+    assert {k: v["grid"] for k, v in cfgs.items()} == {"quest-w4-s0": "integer", "cage-w4-s0": "integer",
+                                                       "bf16-s0": "centered"}  # bf16 quantizes nothing
+    assert len({v["steps"] for v in cfgs.values()}) == 1  # the budget ladder's steps, whatever the grid
+    report = json.loads((out / "results" / "accuracy-trend-integer.json").read_text())
+    assert report["preset"]["grid"] == "integer"
+    assert "integer grid" in (out / "results" / "accuracy-trend-integer.md").read_text()
+    # the centered sweep of the same preset is another folder; a grid changed under a sweep is refused
+    assert cli.main([*argv[:-4], "--data", "text.txt"]) == 1 and (folder / "runs" / "sweep-trend").is_dir()
+    capsys.readouterr()
+    assert cli.main([*argv[:-4], "--grid", "centered", "--out", str(out), "--data", "text.txt"]) == 2
+    assert "grid: 'integer' -> 'centered'" in capsys.readouterr().err
+    assert cli.main(["sweep", "--preset", "tiny", "--bits", "1", "--grid", "integer"]) == 2
+    assert "--grid integer takes 2..8 bits" in capsys.readouterr().err
+
+
+def test_an_integer_grid_cell_trains_on_that_grid(tmp_path, monkeypatch):
+    from cage.llama.sweep.cells import prepare_cell, run_cell
+    from cage.llama.sweep.plan import Cell, SWEEP_PRESETS, train_config_dict
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text("to be or not to be that is the question\n" * 100)
+    p = {**SWEEP_PRESETS["tiny"], "steps": 2, "seq_len": 32, "eval_batches": 1, "grid": "integer"}
+    cell = Cell("cage", 4, 0)
+    d = prepare_cell(tmp_path, cell, train_config_dict(p, cell, tmp_path, "text.txt"))
+    assert run_cell(str(d)) == 0
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["completed"] and m["weight_quant"]["grid"] == m["activation_quant"]["grid"] == "integer"
+
+
+def test_a_cell_written_before_the_grid_option_is_the_same_cell(tmp_path):
+    from cage.llama.sweep.cells import prepare_cell
+    from cage.llama.sweep.plan import Cell, SWEEP_PRESETS, train_config_dict
+
+    cell = Cell("quest", 4, 0)
+    tcfg = train_config_dict(SWEEP_PRESETS["tiny"], cell, tmp_path, None)
+    d = prepare_cell(tmp_path, cell, tcfg)
+    old = json.loads((d / "cell.json").read_text())
+    del old["train_config"]["grid"], old["train_config"]["matmul"]
+    (d / "cell.json").write_text(json.dumps(old))
+    prepare_cell(tmp_path, cell, tcfg)  # no "made with other settings"

@@ -77,7 +77,8 @@ def prepare_cell(out: Path, cell: Cell, tcfg: dict) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     f = d / "cell.json"
     if f.is_file():
-        old = json.loads(f.read_text())["train_config"]
+        # fields added since the cell was written read as their defaults (what the cell ran then)
+        old = {**TrainConfig().to_dict(), **json.loads(f.read_text())["train_config"]}
         diffs = [k for k, v in tcfg.items() if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != v
                  and not (k == "data" and _same_file(old.get(k), v))]
         if diffs:

@@ -35,6 +35,7 @@ import shlex
 import time
 from pathlib import Path
 
+from ...config import GRIDS
 from .cells import _write_json, cell_status, launch, prepare_cell
 from .corpora import ASSEMBLED
 from .plan import METHODS, SWEEP_PRESETS, Cell, plan_cells, steps_for_budget, train_config_dict
@@ -76,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--eval-batches", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--grid", choices=GRIDS, help="the quantizer's grid of every quantized cell (cage train --grid; "
+                   "bf16 cells have none): centered (default) or integer; a non-default grid names the sweep "
+                   "<preset>-<grid>, so its cells never mix with the centered ones")
     p.add_argument("--model", help="cage.llama.model preset of every cell")
     p.add_argument("--dim", type=int)
     p.add_argument("--n-layers", type=int)
@@ -96,7 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def preset_from_args(args: argparse.Namespace) -> dict:
-    p = dict(SWEEP_PRESETS[args.preset], preset=args.preset, name=args.name or args.preset)
+    grid = getattr(args, "grid", None) or "centered"
+    p = dict(SWEEP_PRESETS[args.preset], preset=args.preset, grid=grid,
+             name=args.name or (args.preset if grid == "centered" else f"{args.preset}-{grid}"))
     p.setdefault("methods", METHODS)
     if getattr(args, "tokens_per_param", None) is not None:
         if getattr(args, "steps", None) is not None:
@@ -142,6 +148,11 @@ def check_preset(p: dict) -> None:
         listed("--silences", p["silences"])
         if p["ablation_bits"] not in range(1, 9):
             bad(f"--ablation-bits must be in 1..8, got {p['ablation_bits']}")
+    if p.get("grid", "centered") != "centered":
+        quantized = [*(p["bits"] if any(m != "bf16" for m in p["methods"]) else ()),
+                     *((p["ablation_bits"],) if p["ablation_seeds"] else ())]
+        if any(b < 2 for b in quantized):
+            bad(f"--grid {p['grid']} takes 2..8 bits; the sweep asks for {min(quantized)}")
     if p["jobs"] < 1:
         bad(f"--jobs must be >= 1, got {p['jobs']}")
     if p["threads"] is not None and p["threads"] < 1:

@@ -133,6 +133,7 @@ def train_config_dict(p: dict, cell: Cell, out_dir: Path, data: str | None) -> d
         eval_batches=p["eval_batches"], eval_every=max(1, p["steps"] // 2),
         threads=p["threads"], out=str(out_dir / cell.name), verbose=True,
         dim=p.get("dim"), n_layers=p.get("n_layers"), n_heads=p.get("n_heads"),
+        grid=TrainConfig.grid if cell.method == "bf16" else p.get("grid", TrainConfig.grid),  # bf16: no grid
     )
     cfg.validate()
     return cfg.to_dict()

@@ -109,6 +109,9 @@ def markdown(report: dict) -> str:
     L.append("## Setup")
     L.append("")
     L.append(f"- model preset `{p['model']}`: {info.get('params', '?')} parameters ({info.get('params_quantized', '?')} in quantized layers)")
+    if p.get("grid", "centered") != "centered":
+        L.append(f"- quantizer: the **{p['grid']} grid** (`--grid {p['grid']}`) in every quantized cell, "
+                 "not QuEST's centered one")
     L.append(f"- {p['steps']} steps x {p['batch_size']} x {p['seq_len']} bytes = {info.get('tokens', '?'):,} training tokens"
              f" ({info.get('tokens_per_param', float('nan')):.2f} tokens per parameter; the paper uses 100)")
     L.append(f"- peak lr {info.get('peak_lr')}, recipe of SPEC 3 (AdamW 0.9/0.95, wd 0.1, clip 1.0, 10% warm-up, cosine to 0.1x), dtype {info.get('dtype')}")
