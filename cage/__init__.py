@@ -43,3 +43,9 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted({*globals(), *_LAZY_MODULES})
+
+
+# transformers already imported: register quant_method "cage" with it now (importing cage.hf does);
+# otherwise ``import cage.hf`` does it, and ``import cage`` stays without transformers
+if _importlib.import_module("sys").modules.get("transformers") is not None:
+    _importlib.import_module(".hf", __name__)

@@ -1,32 +1,38 @@
-"""Hugging Face round trip of prepared (QAT) and converted models. Optional: ``transformers`` is
-imported inside the functions only, so ``import cage`` works without it.
+"""Hugging Face round trip of prepared (QAT) and converted models, and the ``"cage"`` quantization
+method of transformers.
 
-Two calls do it::
+Importing this module registers ``quant_method: "cage"`` with transformers (:func:`register`; when
+transformers is installed): then plain ``transformers.AutoModelForCausalLM.from_pretrained(directory)``
+rebuilds the QATLinear / QuantizedLinear layers (:mod:`cage.hf_quantizer`), also with
+``dtype=torch.bfloat16`` (bf16 layers, fp32 scales), and ``model.save_pretrained`` writes them back.
+``import cage`` registers too when transformers is already imported; ``import cage.hf`` always does.
+Without transformers, ``import cage.hf`` still works and its functions raise ImportError.
 
     cage.hf.save_pretrained(model, "out/")   # model.save_pretrained + quantization_config in config.json
-    model = cage.hf.from_pretrained("out/")  # rebuilds the QATLinear / QuantizedLinear layers
+    model = AutoModelForCausalLM.from_pretrained("out/")   # after import cage.hf
+    model = cage.hf.from_pretrained("out/")  # the same, with the checks below first
 
-``config.json`` gets ``quantization_config = {"quant_method": "cage", "format_version": 1,
+``config.json`` gets ``quantization_config = {"quant_method": "cage", "format_version": 2,
 "layers": {name: layer_spec}}`` (:func:`cage.convert.layer_spec`: kind, shape, dtype, both
-QuantConfigs). Plain ``transformers.AutoModel*.from_pretrained`` does not know the "cage" method:
-it warns and gives back plain ``nn.Linear`` layers (for a prepared model, the latent full-precision
-weights; for a converted one, it cannot use the packed tensors). Use :func:`from_pretrained`.
+QuantConfigs; version 1, from before the integer grid, reads as the centered grid).
 
-Sizes in ``config.json`` (the architecture's and every layer spec's) are checked against the
-stored tensors' shapes, read from the safetensors headers, on a meta-device skeleton before the
-model is built: an edited size is a ValueError, never a huge allocation.
+:func:`from_pretrained` first checks the sizes in ``config.json`` (the architecture's and every layer
+spec's) against the stored tensors' shapes, read from the safetensors headers, on a meta-device
+skeleton: an edited size is a ValueError, never a huge allocation; then it calls transformers'
+``from_pretrained`` (offline: it reads only ``directory``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .convert import layer_from_spec, layer_spec, set_module, spec_differences
-from .serialize import FORMAT_VERSION, check_tensors, quantized_layers, safetensors_shapes
+from .convert import dtype_name, layer_from_spec, layer_spec, set_module, spec_differences
+from .serialize import FORMAT_VERSION, READABLE_VERSIONS, check_tensors, quantized_layers, readable_versions, safetensors_shapes
 
 QUANT_METHOD = "cage"
 WEIGHTS_FILE = "model.safetensors"
@@ -85,15 +91,6 @@ def _stored_shapes(directory: Path, files: list[str]) -> dict[str, torch.Tensor]
     return shapes
 
 
-def _read_weights(directory: Path, files: list[str] | None = None) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state = {}
-    for name in files if files is not None else _weight_files(directory):
-        state.update(load_file(str(directory / name)))
-    return state
-
-
 def _checked_quant_config(config, directory) -> dict:
     qc = getattr(config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):
@@ -104,32 +101,31 @@ def _checked_quant_config(config, directory) -> dict:
             f"cage.hf.from_pretrained: {directory}/config.json has no cage quantization_config "
             f"(quant_method {found!r}); save with cage.hf.save_pretrained"
         )
-    if qc.get("format_version") != FORMAT_VERSION:
+    if qc.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
             f"cage.hf.from_pretrained: quantization_config format_version {qc.get('format_version')!r}; "
-            f"this cage reads version {FORMAT_VERSION}"
+            f"this cage reads {readable_versions()}"
         )
     if not isinstance(qc.get("layers"), dict):
         raise ValueError(f"cage.hf.from_pretrained: {directory}/config.json: the quantization_config's layers are not a dict")
     return qc
 
 
-@torch.no_grad()
-def from_pretrained(directory, *, model_class=None, backend: str = "auto"):
-    """Rebuild a model saved by :func:`save_pretrained`: its architecture from config.json, its
-    QATLinear / QuantizedLinear layers from the quantization_config, its tensors from the
-    safetensors files. ``model_class`` defaults to ``AutoModelForCausalLM``. Offline: it reads
-    only ``directory``."""
+def from_pretrained(directory, *, model_class=None, backend: str = "auto", **kwargs):
+    """A model saved by :func:`save_pretrained` (or by ``save_pretrained`` of a model loaded with the
+    registered quantizer), after checking its sizes: ``model_class.from_pretrained(directory,
+    local_files_only=True, **kwargs)`` (``model_class`` defaults to ``AutoModelForCausalLM``; kwargs
+    such as ``dtype=torch.bfloat16`` go to it), in eval mode, its quantized layers on ``backend``."""
     import transformers
 
+    register()
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"cage.hf.from_pretrained: no config.json in {directory}")
     config = transformers.AutoConfig.from_pretrained(str(directory))
     qc = _checked_quant_config(config, directory)
     model_class = model_class or transformers.AutoModelForCausalLM
-    files = _weight_files(directory)
-    stored = _stored_shapes(directory, files)
+    stored = _stored_shapes(directory, _weight_files(directory))
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int) and layers > len(stored):
         raise ValueError(f"cage.hf.from_pretrained: {directory}/config.json says num_hidden_layers {layers}, "
@@ -137,39 +133,42 @@ def from_pretrained(directory, *, model_class=None, backend: str = "auto"):
     del config.quantization_config  # the architecture alone; the layers are cage's to build
     with torch.device("meta"):  # every size checked against the stored shapes, nothing allocated
         skeleton = model_class.from_config(config)
-    _swap_layers(skeleton, qc, directory, backend)
+    swap_layers(skeleton, qc["layers"], f"cage.hf.from_pretrained: {directory}",
+                build=lambda *a, **k: layer_from_spec(*a, **k))  # looked up at call time
     _check_state(skeleton, stored, directory)
-    model = model_class.from_config(config)
-    config.quantization_config = qc
-    _swap_layers(model, qc, directory, backend)
-    state = _read_weights(directory, files)
-    _check_state(model, state, directory)
-    model.load_state_dict(state, strict=False)
-    model.eval()
-    return model
+    model = model_class.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    for layer in quantized_layers(model).values():
+        layer.backend = backend
+    return model.eval()
 
 
-def _swap_layers(model, qc: dict, directory: Path, backend: str) -> None:
-    """Replace every linear layer the quantization_config names by the layer its spec describes,
-    after checking that the spec has the model's shape (in_features, out_features, bias)."""
-    for name, spec in qc["layers"].items():
+def swap_layers(model: nn.Module, layers: dict, where: str, *, backend: str = "auto", model_dtype: bool = False,
+                build=layer_from_spec) -> None:
+    """Replace every linear layer ``layers`` names by the layer its spec describes, on the device of the
+    layer it replaces (meta, before the weights load), after checking the spec against the model's
+    shape (in_features, out_features, bias). ``model_dtype``: each new layer takes the dtype of the
+    layer it replaces (for a converted layer, that of its rebuilt weight; the scale stays fp32), not
+    the spec's. ``build`` makes a layer from a spec. Errors name ``where`` and the layer."""
+    for name, spec in layers.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"cage.hf.from_pretrained: layer {name!r} of the quantization_config is not in the model") from None
+            raise ValueError(f"{where}: layer {name!r} of the quantization_config is not in the model") from None
         if not isinstance(old, nn.Linear):
-            raise ValueError(f"cage.hf.from_pretrained: {directory}: layer {name!r} is a {type(old).__name__} "
-                             "in the model, not a linear layer")
+            raise ValueError(f"{where}: layer {name!r} is a {type(old).__name__} in the model, not a linear layer")
         mine = {"in_features": old.in_features, "out_features": old.out_features, "bias": old.bias is not None}
         diffs = spec_differences(spec, mine, fields=sorted(mine)) if isinstance(spec, dict) else ["its spec is not a dict"]
         if diffs:
-            raise ValueError(f"cage.hf.from_pretrained: {directory}: layer {name!r}: " + "; ".join(diffs))
+            raise ValueError(f"{where}: layer {name!r}: " + "; ".join(diffs))
+        if model_dtype:
+            spec = {**spec, "weight_dtype": dtype_name(old.weight.dtype)}
         try:
-            new = layer_from_spec(spec, name, device=old.weight.device, backend=backend)
+            new = build(spec, name, device=old.weight.device, backend=backend)
         except KeyError as err:
-            raise ValueError(f"cage.hf.from_pretrained: {directory}: layer {name!r}: the spec has no {err.args[0]!r}") from None
+            raise ValueError(f"{where}: layer {name!r}: the spec has no {err.args[0]!r}") from None
         except (TypeError, ValueError) as err:
-            raise ValueError(f"cage.hf.from_pretrained: {directory}: {err}") from None
+            raise ValueError(f"{where}: {err}") from None
+        new.train(old.training)
         set_module(model, name, new)
 
 
@@ -185,3 +184,33 @@ def _is_tied(model, key: str) -> bool:
     if isinstance(tied, dict):
         tied = tied.keys()
     return getattr(model.config, "tie_word_embeddings", False) and key in set(tied)
+
+
+# ---- the transformers quantization method ------------------------------------------------
+
+
+def register() -> bool:
+    """Register ``quant_method: "cage"`` (config and quantizer, :mod:`cage.hf_quantizer`) with
+    transformers; True once it is registered (by this call or an earlier one). Needs transformers
+    (ImportError otherwise). ``import cage.hf`` calls it when transformers is installed."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+    from transformers.quantizers import register_quantization_config, register_quantizer
+
+    from .hf_quantizer import CageHfQuantizer, CageQuantizationConfig
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(CageQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(CageHfQuantizer)
+    return True
+
+
+def transformers_installed() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+if transformers_installed():
+    try:
+        register()
+    except ImportError:  # transformers blocked or broken: the functions above will say so when called
+        pass

@@ -28,9 +28,18 @@ from .convert import QuantizedLinear, layer_from_spec, layer_spec, set_module, s
 from .linear import QATLinear
 
 FORMAT = "cage-quantized"
-FORMAT_VERSION = 1
+# 2: layer specs may hold the integer grid (QuantConfig.grid). Version 1 files have no grid and load as
+# the centered grid; a reader of version 1 refuses version 2 files, so none misreads integer-grid codes.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HEADER_KEY = "cage"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save archives are zip files
+
+
+def readable_versions() -> str:
+    """``versions 1 and 2``: the versions this reader takes, for error messages."""
+    *first, last = READABLE_VERSIONS
+    return f"versions {', '.join(map(str, first))} and {last}" if first else f"version {last}"
 
 
 def safetensors_installed() -> bool:
@@ -163,10 +172,8 @@ def save_quantized(model: nn.Module, path, *, extra: dict | None = None) -> dict
 def _check_header(header, path) -> dict:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"{path}: not a cage quantized model file (no {FORMAT!r} header)")
-    if header.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format version {header.get('version')!r}; this cage reads version {FORMAT_VERSION}"
-        )
+    if header.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: format version {header.get('version')!r}; this cage reads {readable_versions()}")
     layers = header.get("layers")
     if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in layers.items()):
         raise ValueError(f"{path}: the header's 'layers' is not a dict of layer specs")

@@ -1,5 +1,7 @@
 """cage.hf: a prepared or converted Hugging Face LlamaForCausalLM (built offline from a config)
-survives save_pretrained / from_pretrained with the same logits; cage imports without transformers."""
+survives save_pretrained / from_pretrained with the same logits, through cage.hf.from_pretrained and
+through plain transformers (the registered "cage" quantizer), in fp32 and bf16; a loaded QAT model
+keeps training under transformers' Trainer; cage imports without transformers."""
 
 import copy
 import json
@@ -74,21 +76,12 @@ def test_hf_round_trip_restores_outputs(tmp_path, converted, tie):
     assert {spec["kind"] for spec in qc["layers"].values()} == {kind}
     assert qc["layers"]["model.layers.1.mlp.down_proj"]["weight_quant"]["bits"] == 4
 
-    back = cage.hf.from_pretrained(tmp_path)
     layer_type = cage.QuantizedLinear if converted else cage.QATLinear
-    assert type(back.model.layers[1].mlp.down_proj) is layer_type
-    assert torch.equal(_logits(back), ref)
-    if tie:
-        assert back.lm_head.weight is back.model.embed_tokens.weight
-
-
-def test_plain_from_pretrained_loses_the_quantizers(tmp_path):
-    # the problem the issue reports, kept visible: transformers alone rebuilds nn.Linear layers
-    model = _hf_llama()
-    cage.hf.save_pretrained(model, tmp_path)
-    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
-    assert type(plain.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-    assert not torch.equal(_logits(plain.eval()), _logits(model))
+    for back in (cage.hf.from_pretrained(tmp_path), transformers.AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert type(back.model.layers[1].mlp.down_proj) is layer_type and not back.training
+        assert torch.equal(_logits(back), ref)
+        if tie:
+            assert back.lm_head.weight is back.model.embed_tokens.weight
 
 
 def test_from_pretrained_errors(tmp_path):
@@ -101,3 +94,130 @@ def test_from_pretrained_errors(tmp_path):
         cage.hf.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no QATLinear or QuantizedLinear"):
         cage.hf.save_pretrained(plain, tmp_path)
+
+
+# ---- the registered quantizer: plain transformers loads, casts, saves and trains -----------
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True).stdout
+
+
+def test_registration_at_import():
+    # import cage registers only when transformers is already imported (it stays light otherwise);
+    # import cage.hf always registers
+    out = _run(
+        "import sys, cage\n"
+        "assert 'transformers' not in sys.modules and 'cage.hf' not in sys.modules\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M\n"
+        "print('cage' in M)\n"
+        "import cage.hf\n"
+        "print('cage' in M)\n"
+    )
+    assert out.split() == ["False", "True"]
+    out = _run("import transformers, cage\n"
+               "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M\nprint('cage' in M)\n")
+    assert out.split() == ["True"]
+
+
+def test_without_cage_transformers_drops_the_quantizers(tmp_path):
+    # what a reader who never imports cage gets: float nn.Linear layers and a warning
+    cage.hf.save_pretrained(_hf_llama(), tmp_path)
+    out = _run(
+        "import transformers, torch\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+        "print(type(m.model.layers[0].self_attn.q_proj).__name__)\n"
+    )
+    assert out.split() == ["Linear"]
+
+
+@pytest.mark.parametrize("converted", [False, True])
+def test_bf16_load_gives_bf16_layers_and_fp32_scales(tmp_path, converted):
+    model = _hf_llama()
+    if converted:
+        cage.convert(model)
+    cage.hf.save_pretrained(model, tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    layer = back.model.layers[0].self_attn.k_proj
+    if converted:
+        assert layer.weight_dtype == torch.bfloat16 and layer.weight_scale.dtype == torch.float32
+    else:
+        assert layer.weight.dtype == torch.bfloat16
+    assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+    # exactly the saved model cast to bf16 (a converted layer's codes and fp32 scales are unchanged);
+    # .to() also casts the rotary inv_freq buffer, which from_pretrained keeps in fp32
+    inv_freq = model.model.rotary_emb.inv_freq.clone()
+    model.to(torch.bfloat16).model.rotary_emb.inv_freq = inv_freq
+    assert torch.equal(_logits(back), _logits(model))
+
+
+def test_save_pretrained_of_a_loaded_model_round_trips(tmp_path):
+    model = _hf_llama()
+    cage.hf.save_pretrained(model, tmp_path / "qat")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qat")
+    loaded.save_pretrained(tmp_path / "again")  # plain save_pretrained
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert type(again.model.layers[0].mlp.up_proj) is cage.QATLinear
+    assert torch.equal(_logits(again), _logits(model))
+    # the config is written from the layers as they are at save time: convert, then save
+    cage.convert(loaded)
+    loaded.save_pretrained(tmp_path / "converted")
+    qc = json.loads((tmp_path / "converted" / "config.json").read_text())["quantization_config"]
+    assert {s["kind"] for s in qc["layers"].values()} == {"quantized"} and qc["format_version"] == 2
+    served = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
+    assert type(served.model.layers[0].mlp.up_proj) is cage.QuantizedLinear
+    assert torch.equal(_logits(served), _logits(model))
+
+
+def test_integer_grid_round_trip_and_version_1_configs(tmp_path):
+    model = transformers.LlamaForCausalLM(_hf_llama().config).eval()
+    cage.prepare_qat(model, weight=cage.QuantConfig(4, block_size=64, grid="integer"),
+                     activation=cage.QuantConfig(4, block_size=64))
+    cage.convert(model)
+    cage.hf.save_pretrained(model, tmp_path / "int")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "int")
+    assert back.model.layers[0].mlp.gate_proj.weight_quant.grid == "integer"
+    assert torch.equal(_logits(back), _logits(model))
+    # a version 1 config (before the grid existed) loads as the centered grid
+    centered = cage.convert(_hf_llama())
+    cage.hf.save_pretrained(centered, tmp_path / "v1")
+    path = tmp_path / "v1" / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["format_version"] = 1
+    for spec in config["quantization_config"]["layers"].values():
+        for field in ("weight_quant", "act_quant"):
+            del spec[field]["grid"]
+    path.write_text(json.dumps(config))
+    old = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "v1")
+    assert old.model.layers[0].mlp.gate_proj.weight_quant.grid == "centered"
+    assert torch.equal(_logits(old), _logits(centered))
+    config["quantization_config"]["format_version"] = 99
+    path.write_text(json.dumps(config))
+    for load in (cage.hf.from_pretrained, transformers.AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match="format_version 99; this cage reads versions 1 and 2"):
+            load(tmp_path / "v1")
+
+
+def test_trainer_keeps_training_a_loaded_qat_model(tmp_path):
+    pytest.importorskip("accelerate")  # TrainingArguments needs it
+    cage.hf.save_pretrained(_hf_llama(), tmp_path / "qat")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qat")
+    model.train()
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                                          disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(
+        cage.CAGEAdamW, {"model": model, "lr": 1e-3, "total_steps": 3}))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer) is cage.QATLinear and not torch.equal(layer.weight.detach(), before)
+    # a converted model holds codes, not weights: Trainer refuses it, as for any purely quantized model
+    cage.hf.save_pretrained(cage.convert(_hf_llama()), tmp_path / "converted")
+    served = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=served, args=args, train_dataset=data)

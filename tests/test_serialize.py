@@ -183,8 +183,41 @@ def test_bad_files_are_clear_errors(tmp_path, monkeypatch):
     header = json.loads(blob["cage"])
     header["version"] = 99
     torch.save({"cage": json.dumps(header), "tensors": blob["tensors"]}, future)
-    with pytest.raises(ValueError, match="format version 99; this cage reads version 1"):
+    with pytest.raises(ValueError, match="format version 99; this cage reads versions 1 and 2"):
         cage.load_quantized(future, _plain())
+
+
+def test_version_1_files_load_as_the_centered_grid(tmp_path, monkeypatch):
+    # version 2 (the integer grid) is what is written; a version 1 file has no grid in its configs
+    monkeypatch.setattr(serialize, "safetensors_installed", lambda: False)
+    converted = cage.convert(_prepared(4))
+    path = tmp_path / "v1.pt"
+    cage.save_quantized(converted, path)
+    blob = torch.load(path, weights_only=True)
+    header = json.loads(blob["cage"])
+    assert header["version"] == 2
+    header["version"] = 1
+    for spec in header["layers"].values():
+        for field in ("weight_quant", "act_quant"):
+            del spec[field]["grid"]
+    torch.save({"cage": json.dumps(header), "tensors": blob["tensors"]}, path)
+    skeleton = _plain()
+    _check_round_trip(path, converted, skeleton)
+    assert skeleton.layers[0].attn.qkv.weight_quant.grid == "centered"
+
+
+def test_integer_grid_files_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = Llama(config_from_preset("tiny", dim=64, max_seq_len=32))
+    cage.prepare_qat(model, weight=cage.QuantConfig(4, block_size=64, grid="integer"),
+                     activation=cage.QuantConfig(4, block_size=64, grid="integer"))
+    converted = cage.convert(model.eval())
+    path = tmp_path / "int.bin"
+    cage.save_quantized(converted, path)
+    assert cage.read_header(path)["layers"]["layers.0.mlp.down"]["weight_quant"]["grid"] == "integer"
+    skeleton = _plain()
+    _check_round_trip(path, converted, skeleton)
+    assert skeleton.layers[0].mlp.down.weight_quant.grid == "integer"
 
 
 def test_saving_an_unconverted_model_is_an_error(tmp_path):

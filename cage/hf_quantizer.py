@@ -1,0 +1,98 @@
+"""The ``"cage"`` quantization method of Hugging Face transformers: a ``QuantizationConfigMixin`` and
+an ``HfQuantizer`` registered for ``quant_method: "cage"`` (:func:`cage.hf.register` does it; importing
+``cage.hf`` calls it). With them, plain ``AutoModelForCausalLM.from_pretrained(directory)`` rebuilds the
+``QATLinear`` / ``QuantizedLinear`` layers a ``config.json`` names, on the meta device before the
+weights load, and ``save_pretrained`` writes them back.
+
+This module imports transformers: import it only through :func:`cage.hf.register`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .convert import layer_spec
+from .serialize import FORMAT_VERSION, READABLE_VERSIONS, quantized_layers, readable_versions
+
+QUANT_METHOD = "cage"
+
+
+class CageQuantizationConfig(QuantizationConfigMixin):
+    """``quantization_config = {"quant_method": "cage", "format_version": 2, "layers": {name: spec}}``:
+    every quantized layer's kind (``"qat"`` or ``"quantized"``), shape, dtype and QuantConfigs
+    (:func:`cage.convert.layer_spec`). Format version 1 (before the integer grid) reads as well."""
+
+    def __init__(self, layers: dict | None = None, format_version: int = FORMAT_VERSION,
+                 quant_method: str = QUANT_METHOD, **unused):
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"cage quantization_config: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        if format_version not in READABLE_VERSIONS:
+            raise ValueError(f"cage quantization_config: format_version {format_version!r}; this cage reads "
+                             f"{readable_versions()}")
+        if not isinstance(layers, dict) or not layers or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in layers.items()):
+            raise ValueError("cage quantization_config: 'layers' must be a non-empty dict of layer specs "
+                             "(save with cage.hf.save_pretrained)")
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.layers = layers
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "CageQuantizationConfig":
+        layers = {name: layer_spec(m) for name, m in quantized_layers(model).items()}
+        if not layers:
+            raise ValueError("cage.hf: the model has no QATLinear or QuantizedLinear layer (prepare it with cage.prepare_qat)")
+        return cls(layers=layers)
+
+    def to_dict(self) -> dict:
+        return {"quant_method": self.quant_method, "format_version": self.format_version, "layers": self.layers}
+
+    def kinds(self) -> set[str]:
+        return {spec.get("kind") for spec in self.layers.values()}
+
+
+class CageHfQuantizer(HfQuantizer):
+    """Loads checkpoints written with ``quant_method: "cage"``: the layers are built on the meta device
+    in the model's dtype (``from_pretrained(..., dtype=torch.bfloat16)``: bf16 layers, fp32 scales), then
+    transformers loads the stored tensors into them. A QAT model (``QATLinear`` layers) stays trainable:
+    transformers' ``Trainer`` accepts it (``is_qat_trainable``); a converted one is for inference."""
+
+    requires_calibration = True  # the checkpoint must already be quantized: there is no on-the-fly path
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from .hf import swap_layers  # cage.hf imports this module (register), not the other way round
+
+        where = f"cage quantizer ({getattr(model.config, 'name_or_path', '') or type(model).__name__})"
+        swap_layers(model, self.quantization_config.layers, where, model_dtype=True)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        left = [f"{n}.{k}" for n, m in quantized_layers(model).items() for k, t in m.state_dict().items()
+                if t.is_meta]
+        if left:
+            raise ValueError(f"cage quantizer: the checkpoint lacks tensors of the quantized layers: {left[:5]}")
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        # save_pretrained: describe the layers as they are now (a loaded QAT model may have been
+        # converted, or cast to another dtype, since it was loaded)
+        self.quantization_config.layers = CageQuantizationConfig.from_model(model).layers
+        self.quantization_config.format_version = FORMAT_VERSION
+        return None, {}
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    def _qat(self) -> bool:
+        return self.quantization_config.kinds() == {"qat"}
+
+    @property
+    def is_trainable(self) -> bool:
+        """A QAT model trains (its latent weights are parameters); a converted one holds codes."""
+        return self._qat()
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return self._qat()
