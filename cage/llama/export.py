@@ -1,10 +1,23 @@
-"""Convert a training run's checkpoint into a packed low-bit model file.
+"""Export a training run's model: a packed low-bit file, a Hugging Face folder, or compressed-tensors.
 
 Reads the run's latest checkpoint (written by ``python -m cage train --out RUN``: RUN/checkpoint.pt
 from one process, or the DCP folder RUN/checkpoint/ from torchrun with ddp or fsdp2, whose shards
-are gathered into full tensors), rebuilds the run's QAT model, converts every quantized layer to packed grid codes and row scales (``cage.convert``),
-writes FILE (``cage.save_quantized``: safetensors when installed, else a torch.save archive) and
-prints its size against a bf16 checkpoint. ``python -m cage generate --model FILE`` samples from it.
+are gathered into full tensors) and rebuilds the run's QAT model. Then, by ``--format``:
+
+- ``cage`` (the default): converts every quantized layer to packed grid codes and row scales
+  (``cage.convert``), writes FILE (``cage.save_quantized``: safetensors when installed, else a
+  torch.save archive) and prints its size against a bf16 checkpoint; ``python -m cage generate
+  --model FILE`` samples from it.
+- ``hf``: a standard ``LlamaForCausalLM`` folder DIR (config.json, model.safetensors, a byte-level
+  tokenizer.json, generation_config.json), q/k/v and gate/up split by rows. A quantized run is
+  converted (``--qat`` keeps the QAT layers and their latent weights, to train on) and carries
+  ``quant_method: "cage"``: ``import cage.hf`` and ``AutoModelForCausalLM.from_pretrained(DIR)``
+  loads it; a bf16 run is a plain checkpoint any Llama loader reads.
+- ``compressed-tensors``: DIR in the Hugging Face layout, written by the compressed-tensors library,
+  with ``--scheme w8a16`` (int8 weights), ``w8a8`` (int8 weights, dynamic per-token int8
+  activations) or ``w4a16`` (int4 weights; integer-grid runs of 2-4 bits), the Hadamard rotation as
+  its ``transform_config``: what vLLM serves. Exact weights (fp32 scales); the activation quantizer
+  is the scheme's, not the run's.
 
 The checkpoint is checked first: nothing from the folder runs, a damaged file is an error naming
 it, and the model its config describes must have the stored tensors' shapes before it is built.
@@ -14,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
 from ..convert import convert
+from ..linear import QATLinear
 from ..serialize import format_size_report, save_quantized
 from .job.build import build_model
 from .job.checkpoint import CHECKPOINT, DCP_DIR, DCP_STATE, check_model_config, find_checkpoint, load_model_state
@@ -29,10 +44,44 @@ LLAMA_CONFIG_KEY = "llama_config"
 TRAIN_CONFIG_KEY = "train_config"
 
 
+FORMATS = ("cage", "hf", "compressed-tensors")
+SCHEMES = ("w8a16", "w8a8", "w4a16")  # cage.export_ct.SCHEMES (imported only for that format)
+EXPORT_INFO = "cage_export.json"  # in an hf / compressed-tensors folder: the run's configs
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="DIR",
                    help=f"the run's folder (holds {CHECKPOINT}, or {DCP_DIR}/ from a torchrun run)")
-    p.add_argument("--out", required=True, metavar="FILE", help="the quantized model file to write")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="--format cage: the model file to write; hf, compressed-tensors: a new (or empty) folder")
+    p.add_argument("--format", default="cage", choices=FORMATS,
+                   help="cage: packed codes in one file (default); hf: a Hugging Face LlamaForCausalLM folder; "
+                   "compressed-tensors: a Hugging Face folder that vLLM serves (needs --scheme)")
+    p.add_argument("--scheme", choices=SCHEMES, help="compressed-tensors only: w8a16 (int8 weights), w8a8 "
+                   "(and dynamic per-token int8 activations), w4a16 (int4 weights: integer-grid runs of 2-4 bits)")
+    p.add_argument("--qat", action="store_true", help="hf only: keep the QAT layers (their latent fp32 weights, "
+                   "trainable with transformers' Trainer) instead of converting them")
+
+
+def check_options(fmt: str, scheme: str | None, qat: bool) -> None:
+    """One-line errors for option combinations, before any work."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "compressed-tensors" and scheme is None:
+        raise ValueError(f"--format compressed-tensors needs --scheme (one of {', '.join(SCHEMES)})")
+    if fmt != "compressed-tensors" and scheme is not None:
+        raise ValueError(f"--scheme is for --format compressed-tensors, not --format {fmt}")
+    if scheme is not None and scheme not in SCHEMES:
+        raise ValueError(f"--scheme must be one of {SCHEMES}, got {scheme!r}")
+    if qat and fmt != "hf":
+        raise ValueError(f"--qat is for --format hf (a QAT model to train on), not --format {fmt}")
+
+
+def check_out_folder(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out: the folder {out.parent} does not exist")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out: {out} exists and is not an empty folder; give a new folder")
 
 
 def load_run_model(run) -> tuple[torch.nn.Module, TrainConfig]:
@@ -50,19 +99,76 @@ def load_run_model(run) -> tuple[torch.nn.Module, TrainConfig]:
     return model.eval(), cfg
 
 
-def export_run(run, out) -> dict:
-    """Convert the run's model and write it to ``out``; return the size report."""
+def export_run(run, out, fmt: str = "cage", *, scheme: str | None = None, qat: bool = False) -> dict:
+    """Export the run's model to ``out`` in ``fmt`` (see the module docstring); return a report
+    (``--format cage``: the size report; otherwise the files written and their bytes)."""
+    check_options(fmt, scheme, qat)
     out = Path(out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out: the folder {out.parent} does not exist")
+    if fmt == "cage":
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"--out: the folder {out.parent} does not exist")
+    else:
+        check_out_folder(out)
+    if fmt == "compressed-tensors":
+        from ..export_ct import _import_compressed_tensors
+
+        _import_compressed_tensors()  # before the run is read
     model, cfg = load_run_model(run)
-    convert(model)
     extra = {LLAMA_CONFIG_KEY: dataclasses.asdict(model.config), TRAIN_CONFIG_KEY: cfg.to_dict()}
-    return save_quantized(model, out, extra=extra)
+    if fmt == "cage":
+        convert(model)
+        return save_quantized(model, out, extra=extra)
+    quantized = any(isinstance(m, QATLinear) for m in model.modules())
+    if fmt == "compressed-tensors" and not quantized:
+        raise ValueError(f"--format compressed-tensors: the run ({cfg.method}) has no quantized layer; "
+                         "export it with --format hf (a plain Llama checkpoint)")
+    if not qat:
+        convert(model)
+    from .hf_layout import save_hf, to_hf
+
+    hf = to_hf(model)
+    if fmt == "compressed-tensors":
+        from ..export_ct import check_exportable
+
+        check_exportable(hf, scheme)  # every refusal before the folder is made
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    try:
+        if fmt == "hf":
+            report = save_hf(hf, out)
+        else:
+            from ..export_ct import export_compressed_tensors
+            from .hf_layout import write_byte_tokenizer
+
+            report = export_compressed_tensors(hf, out, scheme)
+            write_byte_tokenizer(out, model.config.max_seq_len)
+    except BaseException:
+        for f in out.iterdir():  # the folder was new or empty: leave nothing half written
+            if f.is_file():
+                f.unlink()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    (out / EXPORT_INFO).write_text(json.dumps({"format": fmt, "scheme": scheme, "qat": qat, **extra}, indent=2,
+                                              sort_keys=True) + "\n")
+    return {**report, "files": folder_files(out)}
+
+
+def folder_files(folder: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def format_folder_report(report: dict) -> str:
+    files = report["files"]
+    lines = ["| file | MiB |", "|---|---|"]
+    lines += [f"| {name} | {size / 2**20:.3f} |" for name, size in files.items()]
+    lines.append(f"| total | {sum(files.values()) / 2**20:.3f} |")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_run(args.run, args.out)
-    print(f"wrote {args.out}")
-    print(format_size_report(report))
+    report = export_run(args.run, args.out, args.format, scheme=args.scheme, qat=args.qat)
+    print(f"wrote {args.out}" + ("" if args.format == "cage" else f" ({args.format}"
+                                  + (f", {args.scheme}" if args.scheme else "") + ")"))
+    print(format_size_report(report) if args.format == "cage" else format_folder_report(report))
     return 0
