@@ -14,7 +14,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .convert import layer_spec
-from .serialize import FORMAT_VERSION, READABLE_VERSIONS, quantized_layers, readable_versions
+from .serialize import FORMAT_VERSION, READABLE_VERSIONS, check_scales, quantized_layers, readable_versions
 
 QUANT_METHOD = "cage"
 
@@ -65,15 +65,37 @@ class CageHfQuantizer(HfQuantizer):
         from .hf import swap_layers  # cage.hf imports this module (register), not the other way round
 
         where = f"cage quantizer ({getattr(model.config, 'name_or_path', '') or type(model).__name__})"
+        self._checkpoint_files = [str(f) for f in (kwargs.get("checkpoint_files") or ())]
         swap_layers(model, self.quantization_config.layers, where, model_dtype=True)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        left = [f"{n}.{k}" for n, m in quantized_layers(model).items() for k, t in m.state_dict().items()
-                if t.is_meta]
+        layers = quantized_layers(model)
+        left = [f"{n}.{k}" for n, m in layers.items() for k, t in m.state_dict().items() if t.is_meta]
         if left:
             raise ValueError(f"cage quantizer: the checkpoint lacks tensors of the quantized layers: {left[:5]}")
+        for name, layer in layers.items():  # a NaN, Inf or <= 0 row scale is a damaged file, not a model
+            if hasattr(layer, "weight_scale"):
+                check_scales({f"{name}.weight_scale": layer.weight_scale}, {name: {"kind": "quantized"}},
+                             self._file_holding(f"{name}.weight_scale", model))
         return model
+
+    def _file_holding(self, key: str, model) -> str:
+        """The checkpoint file that stores ``key`` (for error messages), else the model's folder."""
+        files = getattr(self, "_checkpoint_files", None) or []
+        if len(files) > 1:
+            try:
+                from safetensors import safe_open
+
+                for f in files:
+                    with safe_open(f, framework="pt") as st:
+                        if key in st.keys():
+                            return f
+            except Exception:  # only an error message is at stake
+                pass
+        if len(files) == 1:
+            return files[0]
+        return f"cage quantizer ({getattr(model.config, 'name_or_path', '') or type(model).__name__})"
 
     def get_state_dict_and_metadata(self, model):
         # save_pretrained: describe the layers as they are now (a loaded QAT model may have been

@@ -7,8 +7,8 @@ holds the format version, every quantized (or activation-only QAT) layer's name,
 QuantConfigs (:func:`cage.convert.layer_spec`), and a free ``extra`` dict for the application
 (for example the model's shape). Loading checks the file against the model and names the first
 layer or tensor that differs; nothing is reinterpreted. The whole file is checked (its structure,
-every layer spec, every tensor's name, dtype and shape) before the model changes at all, and a
-load that fails after that puts the model's layers back.
+every layer spec, every tensor's name, dtype and shape, every row scale finite and > 0) before the
+model changes at all, and a load that fails after that puts the model's layers back.
 """
 
 from __future__ import annotations
@@ -355,6 +355,27 @@ def check_tensors(tensors: dict, model, path) -> None:
             )
 
 
+def check_scales(tensors: dict, layers: dict, where) -> None:
+    """Every quantized layer's ``weight_scale`` in ``tensors`` (a file's, by state dict key) is what
+    the quantizer writes, a row scale ``alpha * rms > 0``: a NaN, an Inf, zero or a negative value
+    (which would silently flip or poison the layer's rows) is a ValueError naming ``where`` and the layer."""
+    for name, spec in layers.items():
+        if not isinstance(spec, dict) or spec.get("kind") != "quantized":
+            continue
+        key = f"{name}.weight_scale" if name else "weight_scale"
+        scale = tensors.get(key)
+        if not isinstance(scale, torch.Tensor) or scale.is_meta or not scale.numel():
+            continue
+        if not scale.is_floating_point():
+            raise ValueError(f"{where}: layer {name!r}: weight_scale is {scale.dtype}, not a floating-point tensor")
+        if not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"{where}: layer {name!r}: weight_scale holds NaN or Inf "
+                             "(a row scale is alpha * rms, finite and > 0): the file is damaged")
+        if not bool((scale > 0).all()):
+            raise ValueError(f"{where}: layer {name!r}: weight_scale holds values <= 0 (the smallest is "
+                             f"{scale.min().item():.6g}; a row scale is alpha * rms > 0): the file is damaged")
+
+
 def read_tensor_shapes(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The header and the stored tensors' names, dtypes and shapes (meta tensors for a
     safetensors file, whose data is not read)."""
@@ -379,14 +400,16 @@ def load_quantized(path, model: nn.Module, *, backend: str = "auto") -> nn.Modul
     ``model`` is a skeleton of the same architecture: plain (its linear layers are replaced as
     the file says), prepared (its QATLinear layers must carry the file's QuantConfigs and are
     converted) or converted (its layers must match the file). Any difference of layer, shape,
-    dtype or QuantConfig, and any malformed part of the file, is a ValueError that names the file
-    and the layer or tensor; it is found before the model changes. ``backend`` is the activation
+    dtype or QuantConfig, any malformed part of the file, and a row scale (``weight_scale``) that is
+    NaN, Inf or <= 0, is a ValueError that names the file and the layer or tensor; it is found before
+    the model changes. ``backend`` is the activation
     quantizer's backend of layers that the load creates from plain linears.
     """
     check_backend_name(backend, "load_quantized")
     header, tensors = _read(path, tensors=True)
     swaps = _plan_layers(header, model, path, backend)
     check_tensors(tensors, _state_after(model, swaps), path)
+    check_scales(tensors, header["layers"], path)
     for name, _, new in swaps:
         set_module(model, name, new)
     try:

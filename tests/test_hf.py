@@ -221,3 +221,23 @@ def test_trainer_keeps_training_a_loaded_qat_model(tmp_path):
     served = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
     with pytest.raises(ValueError, match="purely quantized"):
         transformers.Trainer(model=served, args=args, train_dataset=data)
+
+
+@pytest.mark.parametrize("value, message", [
+    (float("nan"), "weight_scale holds NaN or Inf"),
+    (-0.25, r"weight_scale holds values <= 0 \(the smallest is -0\.25"),
+])
+def test_a_nan_or_negative_scale_is_refused_naming_the_file_and_layer(tmp_path, value, message):
+    # issue 18 item 9: they loaded silently (NaN logits, or a row of the layer with its sign flipped)
+    from safetensors.torch import load_file, save_file
+
+    cage.hf.save_pretrained(cage.convert(_hf_llama()), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    key = "model.layers.1.mlp.down_proj.weight_scale"
+    tensors[key][5] = value
+    save_file(tensors, weights, metadata={"format": "pt"})
+    for load in (cage.hf.from_pretrained, transformers.AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=rf"layer 'model\.layers\.1\.mlp\.down_proj': {message}") as err:
+            load(tmp_path)
+        assert str(weights) in str(err.value) and "\n" not in str(err.value)

@@ -2,7 +2,8 @@
 
 A malformed archive (no "tensors", a non-tensor value, a broken layer spec, a blocked pickle) is a
 ValueError naming the file, and the model keeps every module and value it had: no half-converted
-model that still returns logits.
+model that still returns logits. A row scale that is NaN, Inf or <= 0 (issue 18 item 9: they loaded
+silently, and gave NaN or sign-flipped rows) is refused the same way, naming the layer.
 """
 
 import json
@@ -83,6 +84,28 @@ def a_blocked_pickle(b):
     b["tensors"]["layers.0.attn.qkv.packed_weight"] = Payload()
 
 
+def _scale(b, value):
+    scale = b["tensors"]["layers.1.mlp.down.weight_scale"].clone()
+    scale[3] = value
+    b["tensors"]["layers.1.mlp.down.weight_scale"] = scale
+
+
+def a_nan_scale(b):
+    _scale(b, float("nan"))
+
+
+def an_inf_scale(b):
+    _scale(b, float("inf"))
+
+
+def a_negative_scale(b):
+    _scale(b, -0.5)
+
+
+def a_zero_scale(b):
+    _scale(b, 0.0)
+
+
 CASES = {
     no_tensors: "no 'tensors'",
     tensors_not_a_dict: "'tensors' is a list",
@@ -93,6 +116,10 @@ CASES = {
     a_spec_with_a_word_for_a_config: r"layer 'layers\.2\.attn\.proj'.*weight_quant",
     a_string_for_a_size: r"layer 'layers\.2\.attn\.proj'.*out_features",
     a_blocked_pickle: "refused",
+    a_nan_scale: r"layer 'layers\.1\.mlp\.down': weight_scale holds NaN or Inf",
+    an_inf_scale: r"layer 'layers\.1\.mlp\.down': weight_scale holds NaN or Inf",
+    a_negative_scale: r"layer 'layers\.1\.mlp\.down': weight_scale holds values <= 0 \(the smallest is -0\.5",
+    a_zero_scale: r"layer 'layers\.1\.mlp\.down': weight_scale holds values <= 0",
 }
 
 
