@@ -68,6 +68,8 @@ def test_whole_cells_starts_only_a_cell_that_fits_in_the_time_left(tmp_path, mon
     argv = ["sweep", "--preset", "tiny", "--methods", "quest,cage", "--bits", "4", "--seeds", "0",
             "--ablation-seeds", "", "--steps", "4", "--data", "text.txt", "--out", "sw", "--jobs", "1"]
     assert cli.main([*argv, "--max-cells", "1"]) == 0  # quest-w4-s0 finishes
+    # the cell left for later is not counted as finished
+    assert "0 already finished, running 1 (1 at a time x 1 threads), 1 left for a later call" in capsys.readouterr().out
     metrics = tmp_path / "sw" / "quest-w4-s0" / "metrics.json"
     m = json.loads(metrics.read_text())
     metrics.write_text(json.dumps({**m, "wall_time_s": 600.0}))  # as if a cell took 10 minutes

@@ -214,7 +214,10 @@ def run(args: argparse.Namespace) -> int:
         ASSEMBLED[p["data"]](corpus)
     dirs = {c: prepare_cell(out, c, configs[c]) for c in cells}
     todo = [c for c in cells if cell_status(dirs[c]) in ("todo", "partial", "failed")]
-    if args.max_cells is not None:
+    finished = len(cells) - len(todo)
+    later = ""
+    if args.max_cells is not None and len(todo) > args.max_cells:
+        later = f", {len(todo) - args.max_cells} left for a later call (--max-cells)"
         todo = todo[: args.max_cells]
     state = _load_state(out)
     inv = {"command": command_line(args),
@@ -223,8 +226,8 @@ def run(args: argparse.Namespace) -> int:
     state["invocations"].append(inv)
     state["code"] = _code_info()
     _write_json(out / "sweep.json", state)
-    print(f"sweep {p['name']}: {len(cells)} cells, {len(cells) - len(todo)} already finished, running {len(todo)} "
-          f"({p['jobs']} at a time x {p['threads']} threads) in {out}", flush=True)
+    print(f"sweep {p['name']}: {len(cells)} cells, {finished} already finished, running {len(todo)} "
+          f"({p['jobs']} at a time x {p['threads']} threads){later} in {out}", flush=True)
     t0 = time.perf_counter()
     deadline = None if args.time_limit is None else t0 + 60 * args.time_limit
     failures = 0
