@@ -142,11 +142,23 @@ def _check_savable(model: nn.Module) -> None:
             )
 
 
+def _check_path(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"save_quantized: path: {path} is a folder; give a file path such as "
+                                f"{path / 'model.safetensors'}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"save_quantized: path: the folder {path.parent} does not exist; path must be a file "
+                                "in an existing folder (create the folder first)")
+
+
 def save_quantized(model: nn.Module, path, *, extra: dict | None = None) -> dict:
     """Write a converted model to ``path``; return :func:`size_report` plus ``file_bytes``.
 
     ``extra``: JSON-serialisable values stored in the header (read back by :func:`read_header`).
+    ``path`` is a file in an existing folder (a missing folder or a folder as ``path`` is a one-line
+    error before anything is written).
     """
+    _check_path(Path(path))
     _check_savable(model)
     header = build_header(model, extra)
     try:

@@ -2,6 +2,7 @@
 and clear errors for files that do not fit the model."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -225,6 +226,24 @@ def test_saving_an_unconverted_model_is_an_error(tmp_path):
         cage.save_quantized(_prepared(4), tmp_path / "m.bin")
     with pytest.raises(ValueError, match="JSON-serialisable"):
         cage.save_quantized(cage.convert(_prepared(4)), tmp_path / "m.bin", extra={"x": object()})
+
+
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "torch.save"])
+def test_saving_into_a_missing_folder_or_onto_a_folder_is_one_line(tmp_path, monkeypatch, safetensors):
+    # issue 18 item 10: a missing folder was safetensors' raw error (torch.save's without it)
+    if safetensors:
+        pytest.importorskip("safetensors")
+    monkeypatch.setattr(serialize, "safetensors_installed", lambda: safetensors)
+    converted = cage.convert(_prepared(4))
+    missing = tmp_path / "no" / "such" / "model.safetensors"
+    with pytest.raises(FileNotFoundError, match=rf"save_quantized: path: the folder {re.escape(str(missing.parent))} "
+                                                r"does not exist") as err:
+        cage.save_quantized(converted, missing)
+    assert "\n" not in str(err.value) and not (tmp_path / "no").exists()
+    with pytest.raises(IsADirectoryError, match=rf"save_quantized: path: {re.escape(str(tmp_path))} is a folder; "
+                                                r"give a file path such as .*model\.safetensors") as err:
+        cage.save_quantized(converted, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_safetensors_without_cage_header_is_an_error(tmp_path):
