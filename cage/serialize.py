@@ -151,14 +151,26 @@ def _check_path(path: Path) -> None:
                                 "in an existing folder (create the folder first)")
 
 
-def save_quantized(model: nn.Module, path, *, extra: dict | None = None) -> dict:
+def save_quantized(model: nn.Module, path, *, extra: dict | None = None, allow_unquantized: bool = False) -> dict:
     """Write a converted model to ``path``; return :func:`size_report` plus ``file_bytes``.
+
+    A model without any QuantizedLinear or QATLinear layer (``prepare_qat`` forgotten, or a model
+    that is not the prepared one) is an error; ``allow_unquantized=True`` writes it as it is (a
+    float baseline in the same format).
 
     ``extra``: JSON-serialisable values stored in the header (read back by :func:`read_header`).
     ``path`` is a file in an existing folder (a missing folder or a folder as ``path`` is a one-line
     error before anything is written).
     """
     _check_path(Path(path))
+    if not isinstance(allow_unquantized, bool):
+        raise TypeError(f"save_quantized: allow_unquantized must be True or False, got {allow_unquantized!r}")
+    if not allow_unquantized and not quantized_layers(model):
+        raise ValueError(
+            f"save_quantized: the model ({type(model).__name__}) has no QuantizedLinear or QATLinear layer, so nothing "
+            "is quantized: prepare it with cage.prepare_qat, train, then cage.convert (or pass allow_unquantized=True "
+            "to write it unquantized)"
+        )
     _check_savable(model)
     header = build_header(model, extra)
     try:

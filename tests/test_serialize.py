@@ -246,6 +246,22 @@ def test_saving_into_a_missing_folder_or_onto_a_folder_is_one_line(tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_saving_a_model_with_no_quantized_layer_is_an_error_unless_allowed(tmp_path):
+    # issue 18 item 10: it wrote a float file with an empty layer list, silently
+    path = tmp_path / "m.bin"
+    with pytest.raises(ValueError, match=r"save_quantized: the model \(Llama\) has no QuantizedLinear or QATLinear "
+                                         r"layer, so nothing is quantized: prepare it with cage\.prepare_qat.*"
+                                         r"allow_unquantized=True") as err:
+        cage.save_quantized(_plain(), path)
+    assert "\n" not in str(err.value) and not path.exists()
+    with pytest.raises(TypeError, match="allow_unquantized must be True or False, got 'yes'"):
+        cage.save_quantized(_plain(), path, allow_unquantized="yes")
+    plain = _plain()
+    report = cage.save_quantized(plain, path, allow_unquantized=True)
+    assert report["quantized_layers"] == 0 and cage.read_header(path)["layers"] == {}
+    _check_round_trip(path, plain, _plain())
+
+
 def test_safetensors_without_cage_header_is_an_error(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     path = tmp_path / "plain.safetensors"
