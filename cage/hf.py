@@ -8,7 +8,9 @@ rebuilds the QATLinear / QuantizedLinear layers (:mod:`cage.hf_quantizer`), also
 ``import cage`` registers too when transformers is already imported; ``import cage.hf`` always does.
 Without transformers, ``import cage.hf`` still works and its functions raise ImportError.
 
-    cage.hf.save_pretrained(model, "out/")   # model.save_pretrained + quantization_config in config.json
+    cage.prepare_qat(hf_model, ...)          # a PreTrainedModel gets the "cage" quantizer attached
+    hf_model.save_pretrained("out/")         # so config.json carries quantization_config (Trainer's too)
+    cage.hf.save_pretrained(model, "out/")   # the same for any model: attach, then save_pretrained
     model = AutoModelForCausalLM.from_pretrained("out/")   # after import cage.hf
     model = cage.hf.from_pretrained("out/")  # the same, with the checks below first
 
@@ -48,11 +50,28 @@ def quantization_config(model: nn.Module) -> dict:
 
 
 def attach_quantization_config(model) -> None:
-    """Set ``model.config.quantization_config``, so that ``model.save_pretrained`` (or a Trainer's
-    checkpoint) writes it into config.json."""
+    """Give ``model`` (a transformers PreTrainedModel with QATLinear or QuantizedLinear layers) the
+    ``"cage"`` quantizer and its ``config.quantization_config``, as ``from_pretrained`` of a cage
+    checkpoint does: then plain ``model.save_pretrained`` (and so every checkpoint transformers'
+    ``Trainer`` writes) puts the quantization_config into config.json, describing the layers as they
+    are at save time (prepared, or converted since). :func:`cage.prepare_qat` calls it for a
+    PreTrainedModel. A model quantized by another method is an error."""
     if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
         raise TypeError(f"cage.hf: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    model.config.quantization_config = quantization_config(model)
+    register()
+    from .hf_quantizer import CageHfQuantizer, CageQuantizationConfig
+
+    config = CageQuantizationConfig.from_model(model)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not isinstance(quantizer, CageHfQuantizer):
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", type(quantizer).__name__)
+        raise ValueError(f"cage.hf: the model is already quantized with {getattr(method, 'value', method)!r}, "
+                         f"not {QUANT_METHOD!r}")
+    if quantizer is None:
+        model.hf_quantizer = CageHfQuantizer(config)
+    else:
+        quantizer.quantization_config = config
+    model.config.quantization_config = config
 
 
 def save_pretrained(model, directory, **kwargs) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -160,6 +161,11 @@ def prepare_qat(
     ``layer.weight_quant`` / ``layer.act_quant`` yourself). A second call with the same configs
     converts the ``nn.Linear`` layers left (those it does not skip); the layers prepared before
     keep their ``backend`` and ``matmul``. A call that skips every ``nn.Linear`` warns.
+
+    A transformers ``PreTrainedModel`` also gets the ``"cage"`` quantizer attached
+    (:func:`cage.hf.attach_quantization_config`): its ``save_pretrained``, and every checkpoint
+    transformers' ``Trainer`` writes, carry the ``quantization_config`` that plain
+    ``AutoModelForCausalLM.from_pretrained`` (after ``import cage.hf``) rebuilds the layers from.
     """
     _backend.check_backend_name(backend, "prepare_qat")
     _int8.check_matmul_name(matmul, "prepare_qat")
@@ -211,7 +217,26 @@ def prepare_qat(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
+    if replacements or prepared:
+        _attach_hf_quantizer(model)
     return model
+
+
+def _attach_hf_quantizer(model: nn.Module) -> None:
+    """A transformers PreTrainedModel gets the ``"cage"`` quantizer (``cage.hf.attach_quantization_config``),
+    so that ``save_pretrained`` and Trainer checkpoints write its quantization_config. transformers is
+    never imported here: a model is a PreTrainedModel only if it already is. A model quantized by
+    another method is left as it is."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    pretrained = getattr(modeling, "PreTrainedModel", None)
+    if pretrained is None or not isinstance(model, pretrained):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(getattr(quantizer, "quantization_config", None), "quant_method", None) != "cage":
+        return
+    from . import hf
+
+    hf.attach_quantization_config(model)
 
 
 def quantized_weights(model: nn.Module) -> dict[int, tuple[nn.Parameter, QuantConfig]]:

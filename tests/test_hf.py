@@ -241,3 +241,50 @@ def test_a_nan_or_negative_scale_is_refused_naming_the_file_and_layer(tmp_path, 
         with pytest.raises(ValueError, match=rf"layer 'model\.layers\.1\.mlp\.down_proj': {message}") as err:
             load(tmp_path)
         assert str(weights) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prepare_qat_on_a_pretrained_model_makes_plain_save_pretrained_carry_the_config(tmp_path):
+    # issue 18 item 10: a model made with prepare_qat wrote config.json (and Trainer checkpoints)
+    # without a quantization_config, so plain from_pretrained gave back nn.Linear layers
+    model = _hf_llama()
+    assert model.config.quantization_config.quant_method == "cage"
+    model.save_pretrained(tmp_path / "qat")  # plain transformers
+    qc = json.loads((tmp_path / "qat" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "cage" and {s["kind"] for s in qc["layers"].values()} == {"qat"}
+    assert len(qc["layers"]) == 14
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qat")
+    assert type(back.model.layers[1].mlp.down_proj) is cage.QATLinear and type(back.lm_head) is torch.nn.Linear
+    assert torch.equal(_logits(back), _logits(model))
+    # the config describes the layers at save time: converted after prepare_qat, saved converted
+    cage.convert(model)
+    model.save_pretrained(tmp_path / "converted")
+    qc = json.loads((tmp_path / "converted" / "config.json").read_text())["quantization_config"]
+    assert {s["kind"] for s in qc["layers"].values()} == {"quantized"}
+    served = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
+    assert type(served.model.layers[1].mlp.down_proj) is cage.QuantizedLinear
+    assert torch.equal(_logits(served), _logits(model))
+
+
+def test_a_trainer_checkpoint_of_a_prepared_model_loads_with_its_qat_layers(tmp_path):
+    pytest.importorskip("accelerate")  # TrainingArguments needs it
+    model = _hf_llama().train()
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                                          report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
+                                          disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(
+        cage.CAGEAdamW, {"model": model, "lr": 1e-3, "total_steps": 2}))
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    qc = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "cage" and len(qc["layers"]) == 14
+    back = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert type(back.model.layers[0].self_attn.q_proj) is cage.QATLinear
+    assert torch.equal(_logits(back), _logits(model.eval()))
+
+
+def test_prepare_qat_on_a_plain_module_attaches_nothing():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    cage.prepare_qat(model, weight=cage.QuantConfig(4, block_size=64))
+    assert not hasattr(model, "hf_quantizer") and not hasattr(model, "config")
