@@ -9,6 +9,9 @@ This module imports transformers: import it only through :func:`cage.hf.register
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -17,6 +20,22 @@ from .convert import layer_spec
 from .serialize import FORMAT_VERSION, READABLE_VERSIONS, check_scales, quantized_layers, readable_versions
 
 QUANT_METHOD = "cage"
+
+
+def check_checkpoint_files(files: list[str], folder: str, where: str) -> None:
+    """The weight files a checkpoint's index names lie in its folder: a ``..`` in a name, or (for a
+    local folder) a path outside it, is a ValueError before anything is read. Paths are compared as
+    written, so files that are symlinks into a cache (a hub snapshot) still load."""
+    local = os.path.isdir(folder)
+    root = os.path.normpath(os.path.abspath(folder)) if local else None
+    for f in files:
+        outside = ".." in Path(f).parts
+        if root is not None:
+            path = os.path.normpath(os.path.abspath(f))
+            outside = outside or os.path.commonpath([root, path]) != root
+        if outside:
+            raise ValueError(f"{where}: the weights index names {f}, which is not a file in "
+                             f"{folder or 'the checkpoint folder'}; an index may only name files of its folder")
 
 
 class CageQuantizationConfig(QuantizationConfigMixin):
@@ -66,6 +85,7 @@ class CageHfQuantizer(HfQuantizer):
 
         where = f"cage quantizer ({getattr(model.config, 'name_or_path', '') or type(model).__name__})"
         self._checkpoint_files = [str(f) for f in (kwargs.get("checkpoint_files") or ())]
+        check_checkpoint_files(self._checkpoint_files, getattr(model.config, "name_or_path", "") or "", where)
         swap_layers(model, self.quantization_config.layers, where, model_dtype=True)
         return model
 

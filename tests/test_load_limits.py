@@ -217,3 +217,30 @@ def test_from_pretrained_quantizes_only_linear_layers_and_reads_only_its_folder(
     (directory / cage.hf.WEIGHTS_INDEX).write_text(json.dumps({"weight_map": {"lm_head.weight": "../model.safetensors"}}))
     with pytest.raises(ValueError, match=r"names '\.\./model\.safetensors', which is not a file in"):
         cage.hf.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["dot-dot", "absolute"])
+def test_plain_from_pretrained_reads_no_weights_outside_the_folder(hf_dir, tmp_path, absolute):
+    # issue 18 item 9, through the registered quantizer: plain transformers followed an index to
+    # weights outside the folder (cage.hf.from_pretrained checked; AutoModelForCausalLM did not)
+    from safetensors import safe_open
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(hf_dir / cage.hf.WEIGHTS_FILE, outside)
+    directory = tmp_path / "folder"
+    directory.mkdir()
+    shutil.copy(hf_dir / "config.json", directory)
+    with safe_open(str(outside / cage.hf.WEIGHTS_FILE), framework="pt") as f:
+        keys = list(f.keys())
+    target = str(outside / cage.hf.WEIGHTS_FILE) if absolute else f"../outside/{cage.hf.WEIGHTS_FILE}"
+    (directory / cage.hf.WEIGHTS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {k: target for k in keys}}))
+    with pytest.raises(ValueError, match=r"the weights index names .*model\.safetensors, which is not a file in") as err:
+        transformers.AutoModelForCausalLM.from_pretrained(directory)
+    assert str(directory) in str(err.value)
+    # the same files inside the folder load
+    shutil.copy(outside / cage.hf.WEIGHTS_FILE, directory / "part.safetensors")
+    (directory / cage.hf.WEIGHTS_INDEX).write_text(json.dumps({"metadata": {},
+                                                               "weight_map": {k: "part.safetensors" for k in keys}}))
+    back = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    assert type(back.model.layers[0].mlp.down_proj) is cage.QATLinear
