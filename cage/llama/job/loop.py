@@ -187,137 +187,160 @@ TIME_UP = 1
 
 
 def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) -> dict:
-    session_start = time.perf_counter()
-    log = print if cfg.verbose and par.is_main else (lambda *a, **k: None)
-    dtype_name, amp = autocast_context(cfg, device)
-    out = Path(cfg.out) if cfg.out else None
-    if cfg.resume and out is None:
-        raise ValueError("--resume needs the run's --out folder")
+    return TrainRun(cfg, par, device, stop_request).run()
 
-    corpus = load_corpus(cfg.data)
-    data = TextData(corpus, cfg.seq_len, cfg.seed)
-    core, wq, aq = build_model(cfg, device)
-    model = par.wrap(core, device)
-    optimizer = make_optimizer(cfg, core)
-    # skipped: the numbers of the steps skipped for a NaN/Inf gradient norm
-    history = {"evals": [], "train_loss": [], "skipped": [], "wall_time_s": 0.0}
-    step = 0
-    ckpt = None
-    committed = None  # the DCP folder of the checkpoint that counts
-    if cfg.resume:
-        ckpt = resume_checkpoint(out)
+
+class TrainRun:
+    """One session of a run, its phases as methods: ``setup`` (data, model, optimizer),
+    ``restore`` (a checkpoint's state on --resume), ``step`` (one optimizer step),
+    ``evaluate``, ``checkpoint`` and ``finish`` (the final evaluations, checkpoint and line);
+    ``run`` strings them together. Where the data and the model come from is ``setup``'s
+    business alone, so a new kind of either does not touch the loop.
+    """
+
+    def __init__(self, cfg: TrainConfig, par: Parallel, device: torch.device, stop_request):
+        self.cfg, self.par, self.device, self.stop_request = cfg, par, device, stop_request
+        self.session_start = time.perf_counter()
+        self.log = print if cfg.verbose and par.is_main else (lambda *a, **k: None)
+        self.dtype_name, self.amp = autocast_context(cfg, device)
+        self.out = Path(cfg.out) if cfg.out else None
+        if cfg.resume and self.out is None:
+            raise ValueError("--resume needs the run's --out folder")
+        # skipped: the numbers of the steps skipped for a NaN/Inf gradient norm
+        self.history = {"evals": [], "train_loss": [], "skipped": [], "wall_time_s": 0.0}
+        self.step_count = 0
+        self.ckpt = None
+        self.committed = None  # the DCP folder of the checkpoint that counts
+        self.saved_step = None  # the step of the run's last checkpoint
+        # per step, kept on the device until a flush: (step, lr, lambda_t, the step's device values)
+        self.pending: list[tuple[int, float, float, StepValues]] = []
+        # host time of the training steps (for ETA) and of those since the last progress line
+        # (tokens/s), including the wait for the device at the flush that follows them
+        self.train_time, self.trained_steps = 0.0, 0
+        self.interval_time, self.interval_steps = 0.0, 0
+        self.records = None
+
+    # ---- set up
+
+    def setup(self) -> None:
+        cfg, par = self.cfg, self.par
+        self.corpus = load_corpus(cfg.data)
+        self.data = TextData(self.corpus, cfg.seq_len, cfg.seed)
+        self.core, self.wq, self.aq = build_model(cfg, self.device)
+        self.model = par.wrap(self.core, self.device)
+        self.optimizer = make_optimizer(cfg, self.core)
+
+    def restore(self) -> None:
+        """Continue from the checkpoint in ``out`` (--resume): its weights, optimizer, data order,
+        RNG, step and history, once its settings and corpus are checked against this session's."""
+        cfg, out = self.cfg, self.out
+        ckpt = self.ckpt = resume_checkpoint(out)
         # a field the checkpoint's config lacks was added since it was written, with a default
         # that is what the run did then (the centered grid, say)
         _check_resume_config({**TrainConfig().to_dict(), **ckpt["config"]}, cfg)
-        if ckpt["corpus_sha256"] != corpus.sha256:
+        if ckpt["corpus_sha256"] != self.corpus.sha256:
             raise ValueError(
                 f"--resume: the corpus changed since the checkpoint was written (sha256 "
-                f"{ckpt['corpus_sha256'][:12]}..., now {corpus.sha256[:12]}...); the run cannot continue"
+                f"{ckpt['corpus_sha256'][:12]}..., now {self.corpus.sha256[:12]}...); the run cannot continue"
             )
-        restore_weights(out, ckpt, model, optimizer, par)
-        data.load_state_dict(ckpt["data"])
+        restore_weights(out, ckpt, self.model, self.optimizer, self.par)
+        self.data.load_state_dict(ckpt["data"])
         torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt["cuda_rng"] is not None and torch.cuda.is_available() and not par.distributed:
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available() and not self.par.distributed:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        step, history, committed = ckpt["step"], ckpt["history"], ckpt.get("dcp")
-        history.setdefault("skipped", [])  # a checkpoint from before steps were skipped
-    saved_step = step if cfg.resume else None  # the step of the run's last checkpoint
-    if out is not None and par.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        self.step_count, self.history, self.committed = ckpt["step"], ckpt["history"], ckpt.get("dcp")
+        self.history.setdefault("skipped", [])  # a checkpoint from before steps were skipped
+        self.saved_step = self.step_count
 
-    corpus_info = corpus.describe()  # hashes the corpus once
-    env = environment(device)
-    prior_wall_time = history["wall_time_s"]  # of earlier sessions of this run
-    # per step, kept on the device until a flush: (step, lr, lambda_t, the step's device values)
-    pending: list[tuple[int, float, float, StepValues]] = []
-    n_params = count_params(core)
-    n_quantized = sum(p.numel() for g in optimizer.param_groups if g["quant"] is not None for p in g["params"])
-    stop = min(cfg.steps, cfg.stop_after or cfg.steps)
-    eval_every = cfg.eval_every or max(1, cfg.steps // 4)
-    log_every = cfg.log_every or max(1, cfg.steps // 20)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    quant_desc = "none" if wq is None and aq is None else f"weights {wq or 'unquantized'}, activations {aq or 'unquantized'}"
-    title = f"{cfg.method} {'' if cfg.method == 'bf16' else f'W{cfg.weight_bits}A{cfg.act_bits} '}{cfg.preset}"
-    lambda_on = cfg.silence_ratio * cfg.steps if cfg.optimizer_lambda > 0 else None
-    layout = "" if not par.distributed else f", {par.mode} over {par.world} processes"
-    log(
-        f"cage train: method {cfg.method} ({quant_desc}), lambda {cfg.optimizer_lambda:g}\n"
-        f"  model {cfg.preset}: {n_params / 1e6:.2f}M params ({n_quantized / 1e6:.2f}M quantized), "
-        f"corpus {corpus.source} ({len(corpus.files)} file{'s' if len(corpus.files) != 1 else ''}, "
-        f"{corpus.tokens.numel() / 1e6:.2f}M bytes)\n"
-        f"  {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
-        + (f" ({cfg.grad_accum} micro-batches)" if cfg.grad_accum > 1 else "")
-        + f", peak lr {cfg.peak_lr:g}, device {device} ({dtype_name}, {torch.get_num_threads()} threads{layout}"
-        + (f", matmul {cfg.matmul}" if cfg.matmul != "auto" else "") + ")"
-        + (f", resuming at step {step}" if cfg.resume else ""),
-        flush=True,
-    )
+    def describe(self) -> None:
+        """The values the records and the start line use (hashes the corpus once), and that line."""
+        cfg, par, corpus = self.cfg, self.par, self.corpus
+        if self.out is not None and par.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.corpus_info = corpus.describe()
+        self.env = environment(self.device)
+        self.prior_wall_time = self.history["wall_time_s"]  # of earlier sessions of this run
+        self.n_params = count_params(self.core)
+        self.n_quantized = sum(p.numel() for g in self.optimizer.param_groups if g["quant"] is not None
+                               for p in g["params"])
+        self.stop = min(cfg.steps, cfg.stop_after or cfg.steps)
+        self.eval_every = cfg.eval_every or max(1, cfg.steps // 4)
+        self.log_every = cfg.log_every or max(1, cfg.steps // 20)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        wq, aq = self.wq, self.aq
+        quant_desc = ("none" if wq is None and aq is None
+                      else f"weights {wq or 'unquantized'}, activations {aq or 'unquantized'}")
+        self.title = f"{cfg.method} {'' if cfg.method == 'bf16' else f'W{cfg.weight_bits}A{cfg.act_bits} '}{cfg.preset}"
+        self.lambda_on = cfg.silence_ratio * cfg.steps if cfg.optimizer_lambda > 0 else None
+        layout = "" if not par.distributed else f", {par.mode} over {par.world} processes"
+        self.log(
+            f"cage train: method {cfg.method} ({quant_desc}), lambda {cfg.optimizer_lambda:g}\n"
+            f"  model {cfg.preset}: {self.n_params / 1e6:.2f}M params ({self.n_quantized / 1e6:.2f}M quantized), "
+            f"corpus {corpus.source} ({len(corpus.files)} file{'s' if len(corpus.files) != 1 else ''}, "
+            f"{corpus.tokens.numel() / 1e6:.2f}M bytes)\n"
+            f"  {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
+            + (f" ({cfg.grad_accum} micro-batches)" if cfg.grad_accum > 1 else "")
+            + f", peak lr {cfg.peak_lr:g}, device {self.device} ({self.dtype_name}, {torch.get_num_threads()} threads"
+            + layout + (f", matmul {cfg.matmul}" if cfg.matmul != "auto" else "") + ")"
+            + (f", resuming at step {self.step_count}" if cfg.resume else ""),
+            flush=True,
+        )
 
-    if cfg.resume and step >= cfg.steps:
-        done = _completed_metrics(ckpt, out)
-        if done is not None:
-            if par.is_main:
-                _write_metrics(out, done)
-            log(f"the run in {out} is already complete ({step} steps); nothing to do", flush=True)
-            return done
-        # a checkpoint of the last step without its metrics (older format): evaluate below
-    records = TrainRecords(out if par.is_main else None, step if cfg.resume else None)
+    # ---- the phases of the loop
 
-    def draw_plot():
-        if out is None or not par.is_main:
+    def draw_plot(self):
+        if self.out is None or not self.par.is_main:
             return None
-        return str(out / PLOT) if save_plot(out / PLOT, history, title, lambda_on, cfg.steps) else None
+        path = self.out / PLOT
+        return str(path) if save_plot(path, self.history, self.title, self.lambda_on, self.cfg.steps) else None
 
-    def evaluate_and_record(split, plot=True):
-        loss = evaluate(model, data, split, cfg.eval_batches, cfg.batch_size, device, amp, par)
-        history["evals"].append({"step": step, "split": split, "loss": loss})
-        records.write_eval(step, split, loss)
+    def evaluate(self, split: str, plot: bool = True) -> float:
+        cfg = self.cfg
+        loss = evaluate(self.model, self.data, split, cfg.eval_batches, cfg.batch_size, self.device, self.amp, self.par)
+        self.history["evals"].append({"step": self.step_count, "split": split, "loss": loss})
+        self.records.write_eval(self.step_count, split, loss)
         if plot:
-            draw_plot()
+            self.draw_plot()
         return loss
 
-    def metrics(completed: bool, final: dict | None = None) -> dict:
+    def metrics(self, completed: bool, final: dict | None = None) -> dict:
+        cfg, wq, aq = self.cfg, self.wq, self.aq
         m = {
             "config": cfg.to_dict(),
             "completed": completed,
-            "step": step,
+            "step": self.step_count,
             "method": cfg.method,
             "weight_quant": wq.to_dict() if wq else None,
             "activation_quant": aq.to_dict() if aq else None,
             "grid": None if wq is None and aq is None else cfg.grid,
             "cage_lambda": cfg.optimizer_lambda,
             "peak_lr": cfg.peak_lr,
-            "model": dataclasses.asdict(core.config),
-            "params": n_params,
-            "params_non_embedding": count_params(core, non_embedding=True),
-            "params_quantized": n_quantized,
-            "corpus": corpus_info,
-            "split_tokens": {k: int(v.numel()) for k, v in data.splits.items()},
-            "tokens_trained": step * tokens_per_step,
-            "dtype": dtype_name,
-            "environment": env,
-            "evals": history["evals"],
-            "skipped_steps": len(history["skipped"]),
-            "skipped_at": list(history["skipped"]),
-            "wall_time_s": prior_wall_time + (time.perf_counter() - session_start),
+            "model": dataclasses.asdict(self.core.config),
+            "params": self.n_params,
+            "params_non_embedding": count_params(self.core, non_embedding=True),
+            "params_quantized": self.n_quantized,
+            "corpus": self.corpus_info,
+            "split_tokens": {k: int(v.numel()) for k, v in self.data.splits.items()},
+            "tokens_trained": self.step_count * self.tokens_per_step,
+            "dtype": self.dtype_name,
+            "environment": self.env,
+            "evals": self.history["evals"],
+            "skipped_steps": len(self.history["skipped"]),
+            "skipped_at": list(self.history["skipped"]),
+            "wall_time_s": self.prior_wall_time + (time.perf_counter() - self.session_start),
         }
-        if par.distributed:
-            m["parallel"] = {"mode": par.mode, "processes": par.world}
+        if self.par.distributed:
+            m["parallel"] = {"mode": self.par.mode, "processes": self.par.world}
         if final:
             m.update(final)
         return m
 
-    # host time of the training steps (for ETA) and of those since the last progress line
-    # (tokens/s), including the wait for the device at the flush that follows them
-    train_time, trained_steps = 0.0, 0
-    interval_time, interval_steps = 0.0, 0
-
-    def flush(progress: bool = False) -> int:
+    def flush(self, progress: bool = False) -> int:
         """Copy the pending per-step values to the host (one copy: the only host sync of those
         steps) and write their rows; ``progress``: a progress line's, with the throughput and
         the grid distance. Returns how many of the steps were skipped; raises FloatingPointError
         when the last ``cfg.max_skipped_steps`` steps were all skipped."""
-        nonlocal train_time, interval_time, interval_steps
+        pending, par, history = self.pending, self.par, self.history
         if not pending:
             return 0
         t0 = time.perf_counter()
@@ -326,8 +349,8 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
         flags = torch.stack([v.found_inf.reshape(()) for *_, v in pending]).float()
         values = torch.stack([losses, norms, flags], 1).cpu().tolist()
         waited = time.perf_counter() - t0  # on a GPU: the steps still queued when it began
-        train_time += waited
-        interval_time += waited
+        self.train_time += waited
+        self.interval_time += waited
         rows = [
             {"step": s, "loss": loss, "lr": lr, "lambda_t": lam, "grad_norm": norm, "skipped": int(flag != 0)}
             for (s, lr, lam, _), (loss, norm, flag) in zip(pending, values)
@@ -335,108 +358,146 @@ def _train(cfg: TrainConfig, par: Parallel, device: torch.device, stop_request) 
         history["train_loss"].extend(r["loss"] for r in rows)
         history["skipped"].extend(r["step"] for r in rows if r["skipped"])
         if progress:
-            rows[-1]["tokens_per_s"] = tokens_per_step * interval_steps / interval_time
-            rows[-1]["weight_grid_distance"] = weight_grid_distance(optimizer, par)
-            interval_time, interval_steps = 0.0, 0
-        records.write_rows(rows)
+            rows[-1]["tokens_per_s"] = self.tokens_per_step * self.interval_steps / self.interval_time
+            rows[-1]["weight_grid_distance"] = weight_grid_distance(self.optimizer, par)
+            self.interval_time, self.interval_steps = 0.0, 0
+        self.records.write_rows(rows)
         pending.clear()
         last = rows[-1]["step"]
         streak = skip_streak(history["skipped"], last)
-        if streak >= cfg.max_skipped_steps:
-            raise FloatingPointError(_diverged_message(cfg, last, streak, out, saved_step, eval_every))
+        if streak >= self.cfg.max_skipped_steps:
+            raise FloatingPointError(_diverged_message(self.cfg, last, streak, self.out, self.saved_step,
+                                                       self.eval_every))
         return sum(r["skipped"] for r in rows)
 
-    def save(completed, final=None):
-        nonlocal committed, saved_step
-        flush()
-        m = metrics(completed, final)
+    def checkpoint(self, completed: bool, final: dict | None = None) -> dict:
+        """Flush, then write the checkpoint and metrics.json of this step; returns the metrics."""
+        par, out = self.par, self.out
+        self.flush()
+        m = self.metrics(completed, final)
         if out is not None:
             # The checkpoint carries the wall time so far, so a resumed run keeps adding to it.
-            history["wall_time_s"] = m["wall_time_s"]
+            self.history["wall_time_s"] = m["wall_time_s"]
             if par.distributed:
-                state = run_state(data, step, cfg, history, corpus_info["sha256"], m)
+                state = run_state(self.data, self.step_count, self.cfg, self.history, self.corpus_info["sha256"], m)
                 state["cuda_rng"] = None  # one process's devices need not exist in another layout
-                committed = save_distributed_checkpoint(out, model, optimizer, par, state, committed)
+                self.committed = save_distributed_checkpoint(out, self.model, self.optimizer, par, state,
+                                                             self.committed)
             elif par.is_main:
-                save_checkpoint(out / CHECKPOINT, model, optimizer, data, step, cfg, history,
-                                corpus_info["sha256"], metrics=m)
+                save_checkpoint(out / CHECKPOINT, self.model, self.optimizer, self.data, self.step_count, self.cfg,
+                                self.history, self.corpus_info["sha256"], metrics=m)
             if par.is_main:
                 _write_metrics(out, m)
-        saved_step = step  # (without --out: the step whose state would have been saved)
+        self.saved_step = self.step_count  # (without --out: the step whose state would have been saved)
         return m
 
-    stop_request.arm()  # from here a signal finishes the step and checkpoints
-    try:
-        if step == 0 and not cfg.resume:
-            log(f"step 0: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
+    def step(self) -> None:
+        """One optimizer step on the next global batch (this process trains its rows of it)."""
+        cfg, par, optimizer = self.cfg, self.par, self.optimizer
+        t0 = time.perf_counter()
+        step = self.step_count
+        lr = self.lr = lr_at(step, cfg.steps, cfg.peak_lr, cfg.warmup_frac, cfg.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.data.train_batch(cfg.batch_size)  # the global batch, the same on every process
+        values = train_step(self.model, optimizer, par.micro_batches(x, y, cfg.grad_accum), device=self.device,
+                            amp=self.amp, grad_clip=cfg.grad_clip, parallel=par)
+        self.pending.append((step + 1, lr, optimizer.lambda_at(step + 1), values))
+        self.step_count = step + 1
+        dt = time.perf_counter() - t0
+        self.train_time += dt
+        self.trained_steps += 1
+        self.interval_time += dt
+        self.interval_steps += 1
 
-        model.train()
-        while step < stop:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.steps, cfg.peak_lr, cfg.warmup_frac, cfg.final_lr_frac)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = data.train_batch(cfg.batch_size)  # the global batch, the same on every process
-            values = train_step(model, optimizer, par.micro_batches(x, y, cfg.grad_accum), device=device,
-                                amp=amp, grad_clip=cfg.grad_clip, parallel=par)
-            pending.append((step + 1, lr, optimizer.lambda_at(step + 1), values))
-            step += 1
-            dt = time.perf_counter() - t0
-            train_time += dt
-            trained_steps += 1
-            interval_time += dt
-            interval_steps += 1
+    def progress(self) -> None:
+        """The progress line (a flush of the pending steps)."""
+        cfg, step = self.cfg, self.step_count
+        skipped = self.flush(progress=True)
+        sec_per_step = self.train_time / self.trained_steps
+        self.log(
+            f"step {step}/{cfg.steps}  loss {self.history['train_loss'][-1]:.4f}  lr {self.lr:.3g}  "
+            f"lambda {self.optimizer.lambda_at(step):.3g}  "
+            f"{self.tokens_per_step / sec_per_step:,.0f} tok/s  "
+            f"ETA {_fmt_time(sec_per_step * (self.stop - step))}"
+            + (f"  skipped {skipped} step{'s' if skipped > 1 else ''} (NaN/Inf gradient norm)"
+               if skipped else ""),
+            flush=True,
+        )
 
-            if step % log_every == 0 or step == stop:
-                skipped = flush(progress=True)
-                sec_per_step = train_time / trained_steps
-                log(
-                    f"step {step}/{cfg.steps}  loss {history['train_loss'][-1]:.4f}  lr {lr:.3g}  "
-                    f"lambda {optimizer.lambda_at(step):.3g}  "
-                    f"{tokens_per_step / sec_per_step:,.0f} tok/s  "
-                    f"ETA {_fmt_time(sec_per_step * (stop - step))}"
-                    + (f"  skipped {skipped} step{'s' if skipped > 1 else ''} (NaN/Inf gradient norm)"
-                       if skipped else ""),
-                    flush=True,
-                )
-            if step % eval_every == 0 and step < cfg.steps:
-                flush()  # the steps' device time counts as theirs, not the evaluation's
-                log(f"step {step}: {cfg.eval_split} loss {evaluate_and_record(cfg.eval_split):.4f}", flush=True)
-                save(completed=False)
-            time_up = cfg.time_limit_min is not None and time.perf_counter() - session_start > 60 * cfg.time_limit_min
-            signum = par.agreed_signal(stop_request.signum or (TIME_UP if time_up else 0))
-            if signum == TIME_UP:  # every process stops after the same step
-                log(f"time limit of {cfg.time_limit_min:g} min reached", flush=True)
-                break
-            if signum:
-                if saved_step != step:
-                    save(completed=False)
-                raise _interrupted(signum, step, cfg, out, par)
-
-        if step < cfg.steps:  # stopped early on purpose: checkpoint and leave
-            m = save(completed=False)
-            log(f"stopped after step {step} of {cfg.steps}; "
-                + (f"continue with: {resume_command(cfg, out, par)}" if out is not None else "nothing saved (no --out)"),
-                flush=True)
-            return m
-
-        final = {f"final_{split}_loss": evaluate_and_record(split, plot=False) for split in SPLITS[1:]}
+    def finish(self) -> dict:
+        """The final evaluations on every held-out split and the completed checkpoint."""
+        cfg = self.cfg
+        final = {f"final_{split}_loss": self.evaluate(split, plot=False) for split in SPLITS[1:]}
         final["final_eval_loss"] = final[f"final_{cfg.eval_split}_loss"]
-        if out is not None:
-            flush()
-            final["plot"] = draw_plot()
-        m = save(completed=True, final=final)
-    finally:
-        records.close()
-    n_skipped = len(history["skipped"])
-    log(
-        f"final held-out loss: test {final['final_test_loss']:.4f}, val {final['final_val_loss']:.4f} "
-        f"(nats/byte) after {step} steps, {_fmt_time(m['wall_time_s'])}"
-        + (f" ({n_skipped} skipped for a NaN/Inf gradient norm)" if n_skipped else "")
-        + (f"; wrote {out}/" if out else ""),
-        flush=True,
-    )
-    return m
+        if self.out is not None:
+            self.flush()
+            final["plot"] = self.draw_plot()
+        return self.checkpoint(completed=True, final=final)
+
+    def final_line(self, m: dict) -> None:
+        n_skipped = len(self.history["skipped"])
+        self.log(
+            f"final held-out loss: test {m['final_test_loss']:.4f}, val {m['final_val_loss']:.4f} "
+            f"(nats/byte) after {self.step_count} steps, {_fmt_time(m['wall_time_s'])}"
+            + (f" ({n_skipped} skipped for a NaN/Inf gradient norm)" if n_skipped else "")
+            + (f"; wrote {self.out}/" if self.out else ""),
+            flush=True,
+        )
+
+    # ---- the session
+
+    def run(self) -> dict:
+        cfg, par, out = self.cfg, self.par, self.out
+        self.setup()
+        if cfg.resume:
+            self.restore()
+        self.describe()
+        if cfg.resume and self.step_count >= cfg.steps:
+            done = _completed_metrics(self.ckpt, out)
+            if done is not None:
+                if par.is_main:
+                    _write_metrics(out, done)
+                self.log(f"the run in {out} is already complete ({self.step_count} steps); nothing to do", flush=True)
+                return done
+            # a checkpoint of the last step without its metrics (older format): evaluate below
+        self.records = TrainRecords(out if par.is_main else None, self.step_count if cfg.resume else None)
+        self.stop_request.arm()  # from here a signal finishes the step and checkpoints
+        try:
+            if self.step_count == 0 and not cfg.resume:
+                self.log(f"step 0: {cfg.eval_split} loss {self.evaluate(cfg.eval_split):.4f}", flush=True)
+            self.model.train()
+            while self.step_count < self.stop:
+                self.step()
+                step = self.step_count
+                if step % self.log_every == 0 or step == self.stop:
+                    self.progress()
+                if step % self.eval_every == 0 and step < cfg.steps:
+                    self.flush()  # the steps' device time counts as theirs, not the evaluation's
+                    self.log(f"step {step}: {cfg.eval_split} loss {self.evaluate(cfg.eval_split):.4f}", flush=True)
+                    self.checkpoint(completed=False)
+                time_up = (cfg.time_limit_min is not None
+                           and time.perf_counter() - self.session_start > 60 * cfg.time_limit_min)
+                signum = par.agreed_signal(self.stop_request.signum or (TIME_UP if time_up else 0))
+                if signum == TIME_UP:  # every process stops after the same step
+                    self.log(f"time limit of {cfg.time_limit_min:g} min reached", flush=True)
+                    break
+                if signum:
+                    if self.saved_step != step:
+                        self.checkpoint(completed=False)
+                    raise _interrupted(signum, step, cfg, out, par)
+
+            if self.step_count < cfg.steps:  # stopped early on purpose: checkpoint and leave
+                m = self.checkpoint(completed=False)
+                self.log(f"stopped after step {self.step_count} of {cfg.steps}; "
+                         + (f"continue with: {resume_command(cfg, out, par)}" if out is not None
+                            else "nothing saved (no --out)"), flush=True)
+                return m
+            m = self.finish()
+        finally:
+            self.records.close()
+        self.final_line(m)
+        return m
 
 
 def _diverged_message(cfg: TrainConfig, step: int, streak: int, out: Path | None, saved_step: int | None,
