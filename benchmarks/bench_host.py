@@ -218,7 +218,10 @@ def merge_before(rows: list[dict], before_path: str | None) -> None:
         return
     with open(before_path) as f:
         before = json.load(f)
-    old = {(r["call"], r["case"]): r for r in before["rows"]}
+    # the result file keeps the rows in its sections (write_results); a bare "rows" list also reads
+    rows_before = before.get("rows") or [r for s in before.get("sections", []) for r in s.get("rows", [])
+                                         if "call" in r and "case" in r]
+    old = {(r["call"], r["case"]): r for r in rows_before}
     for r in rows:
         b = old.get((r["call"], r["case"]))
         if b is not None and "us" in b and "us" in r:
