@@ -144,8 +144,8 @@ def _check_savable(model: nn.Module) -> None:
 
 def _check_path(path: Path) -> None:
     if path.is_dir():
-        raise IsADirectoryError(f"save_quantized: path: {path} is a folder; give a file path such as "
-                                f"{path / 'model.safetensors'}")
+        raise ValueError(f"save_quantized: path: {path} is a folder; give a file path such as "
+                         f"{path / 'model.safetensors'}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"save_quantized: path: the folder {path.parent} does not exist; path must be a file "
                                 "in an existing folder (create the folder first)")
