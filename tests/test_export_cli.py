@@ -83,6 +83,15 @@ def test_cli_errors_are_clear(argv, message, tmp_path, run_dir, exported, capsys
     assert message in capsys.readouterr().err
 
 
+def test_export_to_a_folder_is_one_line_and_leaves_nothing(run_dir, tmp_path, capsys):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    assert cli.main(["export", "--run", str(run_dir), "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out: {folder} is a folder, and --format cage writes one file" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"] and not any(folder.iterdir())
+
+
 def test_generate_refuses_a_file_without_the_model_shape(tmp_path, capsys):
     model = torch.nn.Sequential(cage.QATLinear(32, 8, weight_quant=cage.QuantConfig(4, block_size=32)))
     path = tmp_path / "bare.bin"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -107,6 +108,9 @@ def export_run(run, out, fmt: str = "cage", *, scheme: str | None = None, qat: b
     if fmt == "cage":
         if not out.parent.is_dir():
             raise FileNotFoundError(f"--out: the folder {out.parent} does not exist")
+        if out.is_dir():  # save_quantized would write OUT.tmp, then fail to replace the folder with it
+            raise ValueError(f"--out: {out} is a folder, and --format cage writes one file: give a file path "
+                             f"such as {out / 'model.safetensors'}")
     else:
         check_out_folder(out)
     if fmt == "compressed-tensors":
@@ -167,7 +171,11 @@ def format_folder_report(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_run(args.run, args.out, args.format, scheme=args.scheme, qat=args.qat)
+    try:
+        report = export_run(args.run, args.out, args.format, scheme=args.scheme, qat=args.qat)
+    except ImportError as err:  # a missing optional package: the install line, not a traceback
+        print(f"cage export: error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}" + ("" if args.format == "cage" else f" ({args.format}"
                                   + (f", {args.scheme}" if args.scheme else "") + ")"))
     print(format_size_report(report) if args.format == "cage" else format_folder_report(report))
