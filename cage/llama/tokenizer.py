@@ -121,3 +121,24 @@ def check_vocab(tokenizer, model_vocab_size: int) -> None:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{model_vocab_size}: its ids would index past the embedding; use a model with "
                          f"vocab_size >= {tokenizer.vocab_size}")
+
+
+def train_bpe(texts, vocab_size: int, folder, eos_token: str = "<|endoftext|>") -> Path:
+    """Train a byte-level BPE tokenizer of ``vocab_size`` tokens on ``texts`` with the tokenizers
+    package (offline, deterministic for the same texts), its EOS token ``eos_token`` given id 0;
+    writes ``tokenizer.json`` and a ``tokenizer_config.json`` naming the EOS into ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "clean_up_tokenization_spaces": False,
+    }, indent=2) + "\n")
+    return folder / "tokenizer.json"

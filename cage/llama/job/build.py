@@ -39,8 +39,37 @@ def quant_configs(cfg: TrainConfig, block_size: int) -> tuple[QuantConfig | None
     return make(cfg.weight_bits), make(cfg.act_bits)
 
 
-def build_model(cfg: TrainConfig, device: torch.device):
-    """The model of the run (initialised from ``cfg.seed``), prepared for QAT; and its quantizers."""
+def build_hf_model(cfg: TrainConfig, pretrained: bool = True):
+    """The run's HF Llama (``cage.llama.hf_model.HFCausalLM``), not yet prepared: an --hf-model
+    folder's pretrained weights (``pretrained=False``: its architecture only, for a checkpoint's
+    weights to be loaded into), or an --hf-config's from ``cfg.seed``."""
+    from ..hf_model import hf_model_from_config, load_hf_model
+    from .sources import hf_config_file
+
+    if cfg.hf_model is not None and pretrained:
+        return load_hf_model(cfg.hf_model, gradient_checkpointing=cfg.gradient_checkpointing)
+    return hf_model_from_config(hf_config_file(cfg), seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def prepare_model(cfg: TrainConfig, model, device: torch.device):
+    """``model`` prepared for the run's method (in place; an HF model keeps lm_head and the
+    embedding in full precision) and moved to ``device``; and the quantizers."""
+    wq, aq = quant_configs(cfg, cfg.hadamard_block())
+    if wq is not None or aq is not None:
+        if cfg.is_hf:
+            from ..hf_model import HF_SKIP
+
+            prepare_qat(model, weight=wq, activation=aq, skip=HF_SKIP, backend=cfg.backend, matmul=cfg.matmul)
+        else:
+            prepare_qat(model, weight=wq, activation=aq, backend=cfg.backend, matmul=cfg.matmul)
+    return model.to(device), wq, aq
+
+
+def build_model(cfg: TrainConfig, device: torch.device, pretrained: bool = True):
+    """The model of the run (initialised from ``cfg.seed``, or an --hf-model's pretrained weights
+    unless ``pretrained=False``), prepared for QAT; and its quantizers."""
+    if cfg.is_hf:
+        return prepare_model(cfg, build_hf_model(cfg, pretrained), device)
     mcfg = cfg.model_config()
     wq, aq = quant_configs(cfg, cfg.hadamard_block())
     torch.manual_seed(cfg.seed)

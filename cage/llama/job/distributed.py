@@ -51,11 +51,18 @@ class Parallel:
 
     # ---- batches
 
-    def micro_batches(self, x: torch.Tensor, y: torch.Tensor, grad_accum: int):
-        """This process's ``grad_accum`` micro-batches of a global batch (x, y)."""
-        if self.world == 1 and grad_accum == 1:
+    def rows(self, batch_size: int) -> slice:
+        """This process's rows of a global batch of ``batch_size`` (what ``micro_batches`` takes)."""
+        n = batch_size // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def micro_batches(self, x: torch.Tensor, y: torch.Tensor, grad_accum: int, local: bool = False):
+        """This process's ``grad_accum`` micro-batches of a global batch (x, y); ``local``: (x, y)
+        are already this process's rows (``rows``)."""
+        if (self.world == 1 or local) and grad_accum == 1:
             return [(x, y)]
-        x, y = _part(x, self.rank, self.world), _part(y, self.rank, self.world)
+        if not local:
+            x, y = _part(x, self.rank, self.world), _part(y, self.rank, self.world)
         return [(_part(x, i, grad_accum), _part(y, i, grad_accum)) for i in range(grad_accum)]
 
     def eval_slice(self, x: torch.Tensor, y: torch.Tensor):

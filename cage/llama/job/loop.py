@@ -23,7 +23,7 @@ from ...linear import qat_param_groups
 from ...optim import CAGEAdamW
 from ..data import SPLITS, TextData, load_corpus
 from ..model import count_params
-from .build import build_model, lr_at
+from .build import build_hf_model, build_model, lr_at, prepare_model
 from .checkpoint import (CHECKPOINT, METRICS, PLOT, _atomic_write, _check_resume_config, _checkpoint_threads,
                          restore_weights, resume_checkpoint, run_state, save_checkpoint,
                          save_distributed_checkpoint)
@@ -34,6 +34,7 @@ from .machine import autocast_context, choose_threads, environment, resolve_devi
 from .plots import save_plot
 from .records import TrainRecords, weight_grid_distance
 from .signals import SignalBeforeStart, TrainingInterrupted, stop_on_signals
+from .sources import HF_DIR, RunData, write_run_hf_folder
 
 
 @torch.no_grad()
@@ -195,7 +196,7 @@ class TrainRun:
     ``restore`` (a checkpoint's state on --resume), ``step`` (one optimizer step),
     ``evaluate``, ``checkpoint`` and ``finish`` (the final evaluations, checkpoint and line);
     ``run`` strings them together. Where the data and the model come from is ``setup``'s
-    business alone, so a new kind of either does not touch the loop.
+    business alone (``cage.llama.job.sources``), so a new kind of either does not touch the loop.
     """
 
     def __init__(self, cfg: TrainConfig, par: Parallel, device: torch.device, stop_request):
@@ -224,9 +225,17 @@ class TrainRun:
 
     def setup(self) -> None:
         cfg, par = self.cfg, self.par
-        self.corpus = load_corpus(cfg.data)
-        self.data = TextData(self.corpus, cfg.seq_len, cfg.seed)
-        self.core, self.wq, self.aq = build_model(cfg, self.device)
+        self.data = RunData(cfg, load_corpus)  # this module's name: what tests replace to see when it loads
+        if cfg.is_hf:
+            base = build_hf_model(cfg)
+            if cfg.hf_model is not None and not cfg.resume:
+                # the gap a QAT fine-tune leaves: the pretrained model as it was, unquantized
+                base.to(self.device)
+                self.history["pretrained_val_loss"] = evaluate(base, self.data, "val", cfg.eval_batches,
+                                                               cfg.batch_size, self.device, self.amp, par)
+            self.core, self.wq, self.aq = prepare_model(cfg, base, self.device)
+        else:
+            self.core, self.wq, self.aq = build_model(cfg, self.device)
         self.model = par.wrap(self.core, self.device)
         self.optimizer = make_optimizer(cfg, self.core)
 
@@ -238,10 +247,10 @@ class TrainRun:
         # a field the checkpoint's config lacks was added since it was written, with a default
         # that is what the run did then (the centered grid, say)
         _check_resume_config({**TrainConfig().to_dict(), **ckpt["config"]}, cfg)
-        if ckpt["corpus_sha256"] != self.corpus.sha256:
+        if ckpt["corpus_sha256"] != self.data.fingerprint:
             raise ValueError(
                 f"--resume: the corpus changed since the checkpoint was written (sha256 "
-                f"{ckpt['corpus_sha256'][:12]}..., now {self.corpus.sha256[:12]}...); the run cannot continue"
+                f"{ckpt['corpus_sha256'][:12]}..., now {self.data.fingerprint[:12]}...); the run cannot continue"
             )
         restore_weights(out, ckpt, self.model, self.optimizer, self.par)
         self.data.load_state_dict(ckpt["data"])
@@ -254,10 +263,10 @@ class TrainRun:
 
     def describe(self) -> None:
         """The values the records and the start line use (hashes the corpus once), and that line."""
-        cfg, par, corpus = self.cfg, self.par, self.corpus
+        cfg, par = self.cfg, self.par
         if self.out is not None and par.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.corpus_info = corpus.describe()
+        self.corpus_info = self.data.info
         self.env = environment(self.device)
         self.prior_wall_time = self.history["wall_time_s"]  # of earlier sessions of this run
         self.n_params = count_params(self.core)
@@ -270,14 +279,17 @@ class TrainRun:
         wq, aq = self.wq, self.aq
         quant_desc = ("none" if wq is None and aq is None
                       else f"weights {wq or 'unquantized'}, activations {aq or 'unquantized'}")
-        self.title = f"{cfg.method} {'' if cfg.method == 'bf16' else f'W{cfg.weight_bits}A{cfg.act_bits} '}{cfg.preset}"
+        self.model_name = (cfg.preset if not cfg.is_hf
+                           else f"{Path(cfg.hf_model).name} (--hf-model)" if cfg.hf_model is not None
+                           else f"{Path(cfg.hf_config).name} (--hf-config)")
+        self.title = (f"{cfg.method} {'' if cfg.method == 'bf16' else f'W{cfg.weight_bits}A{cfg.act_bits} '}"
+                      f"{cfg.preset if not cfg.is_hf else self.model_name.split(' ')[0]}")
         self.lambda_on = cfg.silence_ratio * cfg.steps if cfg.optimizer_lambda > 0 else None
         layout = "" if not par.distributed else f", {par.mode} over {par.world} processes"
         self.log(
             f"cage train: method {cfg.method} ({quant_desc}), lambda {cfg.optimizer_lambda:g}\n"
-            f"  model {cfg.preset}: {self.n_params / 1e6:.2f}M params ({self.n_quantized / 1e6:.2f}M quantized), "
-            f"corpus {corpus.source} ({len(corpus.files)} file{'s' if len(corpus.files) != 1 else ''}, "
-            f"{corpus.tokens.numel() / 1e6:.2f}M bytes)\n"
+            f"  model {self.model_name}: {self.n_params / 1e6:.2f}M params ({self.n_quantized / 1e6:.2f}M quantized), "
+            f"corpus {self.data.label}\n"
             f"  {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
             + (f" ({cfg.grad_accum} micro-batches)" if cfg.grad_accum > 1 else "")
             + f", peak lr {cfg.peak_lr:g}, device {self.device} ({self.dtype_name}, {torch.get_num_threads()} threads"
@@ -315,12 +327,12 @@ class TrainRun:
             "grid": None if wq is None and aq is None else cfg.grid,
             "cage_lambda": cfg.optimizer_lambda,
             "peak_lr": cfg.peak_lr,
-            "model": dataclasses.asdict(self.core.config),
+            "model": self.core.config_dict() if cfg.is_hf else dataclasses.asdict(self.core.config),
             "params": self.n_params,
             "params_non_embedding": count_params(self.core, non_embedding=True),
             "params_quantized": self.n_quantized,
             "corpus": self.corpus_info,
-            "split_tokens": {k: int(v.numel()) for k, v in self.data.splits.items()},
+            "split_tokens": self.data.split_tokens,
             "tokens_trained": self.step_count * self.tokens_per_step,
             "dtype": self.dtype_name,
             "environment": self.env,
@@ -331,6 +343,8 @@ class TrainRun:
         }
         if self.par.distributed:
             m["parallel"] = {"mode": self.par.mode, "processes": self.par.world}
+        if "pretrained_val_loss" in self.history:
+            m["pretrained_val_loss"] = self.history["pretrained_val_loss"]
         if final:
             m.update(final)
         return m
@@ -399,9 +413,14 @@ class TrainRun:
         lr = self.lr = lr_at(step, cfg.steps, cfg.peak_lr, cfg.warmup_frac, cfg.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.data.train_batch(cfg.batch_size)  # the global batch, the same on every process
-        values = train_step(self.model, optimizer, par.micro_batches(x, y, cfg.grad_accum), device=self.device,
-                            amp=self.amp, grad_clip=cfg.grad_clip, parallel=par)
+        if self.data.own_rows:  # a memory-mapped corpus: this process reads its rows of the global batch
+            x, y = self.data.train_batch(cfg.batch_size, par.rows(cfg.batch_size))
+            micro = par.micro_batches(x, y, cfg.grad_accum, local=True)
+        else:
+            x, y = self.data.train_batch(cfg.batch_size)  # the global batch, the same on every process
+            micro = par.micro_batches(x, y, cfg.grad_accum)
+        values = train_step(self.model, optimizer, micro, device=self.device, amp=self.amp, grad_clip=cfg.grad_clip,
+                            parallel=par)
         self.pending.append((step + 1, lr, optimizer.lambda_at(step + 1), values))
         self.step_count = step + 1
         dt = time.perf_counter() - t0
@@ -433,15 +452,22 @@ class TrainRun:
         if self.out is not None:
             self.flush()
             final["plot"] = self.draw_plot()
+            if cfg.is_hf:  # before the checkpoint that marks the run complete
+                folder = self.out / HF_DIR
+                write_run_hf_folder(cfg, self.model, self.par, folder)
+                final["hf_folder"] = str(folder)
         return self.checkpoint(completed=True, final=final)
 
     def final_line(self, m: dict) -> None:
         n_skipped = len(self.history["skipped"])
         self.log(
             f"final held-out loss: test {m['final_test_loss']:.4f}, val {m['final_val_loss']:.4f} "
-            f"(nats/byte) after {self.step_count} steps, {_fmt_time(m['wall_time_s'])}"
+            f"(nats/{self.data.unit}) after {self.step_count} steps, {_fmt_time(m['wall_time_s'])}"
+            + (f"; the pretrained model (unquantized) had val {m['pretrained_val_loss']:.4f} at step 0"
+               if "pretrained_val_loss" in m else "")
             + (f" ({n_skipped} skipped for a NaN/Inf gradient norm)" if n_skipped else "")
-            + (f"; wrote {self.out}/" if self.out else ""),
+            + (f"; wrote {self.out}/" if self.out else "")
+            + (f" and the Hugging Face folder {m['hf_folder']}/" if m.get("hf_folder") else ""),
             flush=True,
         )
 
