@@ -14,7 +14,10 @@ time below 2% of the step, with no read of the whole corpus at start.
 from __future__ import annotations
 
 import json
+import platform
+import shlex
 import shutil
+import sys
 import statistics
 import tempfile
 import time
@@ -129,10 +132,34 @@ def main(argv=None) -> dict:
         ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    command = "python -m benchmarks.bench_data " + shlex.join(sys.argv[1:] if argv is None else argv)
     sections = [{"title": f"Data path ({args.mb:g} MB jsonl of the plays; {torch.get_num_threads()} threads)",
+                 "text": f"Command: `{command}` (CPU: {_cpu_model()}; Python {platform.python_version()}, "
+                         f"torch {torch.__version__}, tokenizers {_version('tokenizers')}, numpy {_version('numpy')}). "
+                         "The data time is one `ShardedData.train_batch`, what the job calls each step for a "
+                         "prepared --data (all rows: one process).",
                  "rows": rows, "columns": [("what", "what"), ("value", "value"), ("unit", "unit"),
                                            ("tokens", "tokens"), ("seconds", "s"), ("status", "goal")]}]
-    return common.finish("data", env, sections, args, rows, {"mb": args.mb})
+    return common.finish("data", env, sections, args, rows, {"mb": args.mb, "command": command})
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
 
 
 if __name__ == "__main__":
