@@ -84,6 +84,7 @@ def test_the_job_fine_tunes_the_saved_model_and_reports_its_pretrained_loss(one_
 
 def test_the_run_folder_loads_with_from_pretrained_and_gives_the_jobs_logits(one_process, tmp_path):
     out, m = one_process
+    import cage
     import cage.hf  # noqa: F401  registers quant_method "cage"
 
     folder = out / "hf"
@@ -107,6 +108,12 @@ def test_the_run_folder_loads_with_from_pretrained_and_gives_the_jobs_logits(one
     with torch.no_grad():
         assert torch.equal(again(input_ids=idx).logits, got)
     assert cli.main(["export", "--run", str(out), "--out", str(tmp_path / "x.safetensors")]) == 2  # one line
+    # --qat keeps the trainable QAT layers, with the same function
+    assert cli.main(["export", "--format", "hf", "--qat", "--run", str(out), "--out", str(tmp_path / "qat")]) == 0
+    qat = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qat").eval()
+    assert isinstance(qat.model.layers[1].mlp.up_proj, cage.QATLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(qat(input_ids=idx).logits, want, rtol=0, atol=1e-5 * max(1.0, want.abs().max().item()))
 
 
 @pytest.mark.parametrize("method", ["bf16", "ste", "quest"])
