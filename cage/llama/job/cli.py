@@ -1,5 +1,11 @@
 """The QAT training job: a Llama model on byte-level text, trained with one of four methods.
 
+The model is the job's own Llama (``--preset``), or a Hugging Face LlamaForCausalLM: ``--hf-model
+DIR`` QAT-fine-tunes a local folder's pretrained weights, ``--hf-config FILE`` starts one from
+scratch. The text is the plays' bytes by default; ``--tokenizer`` tokenizes it with a Hugging Face
+tokenizer, and ``--data`` on a ``cage prepare-data`` folder reads its token shards by memory map
+(``cage.llama.job.sources``).
+
 Methods (SPEC 1-2), all trained by ``CAGEAdamW`` so that the method is the only difference:
 
 - ``bf16``:  no quantization, lambda 0 (the high-precision reference);
