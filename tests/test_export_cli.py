@@ -98,3 +98,18 @@ def test_generate_refuses_a_file_without_the_model_shape(tmp_path, capsys):
     cage.save_quantized(cage.convert(model), path)
     assert cli.main(["generate", "--model", str(path), "--prompt", "x"]) == 2
     assert "has no model shape" in capsys.readouterr().err
+
+
+def test_a_bf16_run_exports_its_float_model(tmp_path, capsys):
+    run = tmp_path / "bf16"
+    train(TrainConfig(method="bf16", steps=2, preset="tiny", batch_size=4, seq_len=32, eval_batches=1,
+                      threads=1, verbose=False, out=str(run)))
+    path = tmp_path / "bf16.safetensors"
+    assert cli.main(["export", "--run", str(run), "--out", str(path)]) == 0
+    model, _ = load_run_model(run)
+    loaded = load_model(path)
+    assert not any(isinstance(m, (cage.QuantizedLinear, cage.QATLinear)) for m in loaded.modules())
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+    assert cli.main(["generate", "--model", str(path), "--prompt", "To be", "--max-new-tokens", "4"]) == 0

@@ -7,7 +7,8 @@ are gathered into full tensors) and rebuilds the run's QAT model. Then, by ``--f
 - ``cage`` (the default): converts every quantized layer to packed grid codes and row scales
   (``cage.convert``), writes FILE (``cage.save_quantized``: safetensors when installed, else a
   torch.save archive) and prints its size against a bf16 checkpoint; ``python -m cage generate
-  --model FILE`` samples from it.
+  --model FILE`` samples from it. A bf16 run has no quantized layer: its file holds the float
+  model as trained (the baseline to compare with), and ``generate`` reads it the same way.
 - ``hf``: a standard ``LlamaForCausalLM`` folder DIR (config.json, model.safetensors, a byte-level
   tokenizer.json, generation_config.json), q/k/v and gate/up split by rows. A quantized run is
   converted (``--qat`` keeps the QAT layers and their latent weights, to train on) and carries
@@ -123,7 +124,8 @@ def export_run(run, out, fmt: str = "cage", *, scheme: str | None = None, qat: b
     extra = {LLAMA_CONFIG_KEY: dataclasses.asdict(model.config), TRAIN_CONFIG_KEY: cfg.to_dict()}
     if fmt == "cage":
         convert(model)
-        return save_quantized(model, out, extra=extra)
+        # a bf16 run is the float baseline: nothing to quantize, and that is what was asked for
+        return save_quantized(model, out, extra=extra, allow_unquantized=cfg.method == "bf16")
     quantized = any(isinstance(m, QATLinear) for m in model.modules())
     if fmt == "compressed-tensors" and not quantized:
         raise ValueError(f"--format compressed-tensors: the run ({cfg.method}) has no quantized layer; "
