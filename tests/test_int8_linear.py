@@ -14,10 +14,12 @@ from cage.testing import check_fake_quant
 EPS32 = 2.0**-24  # fp32 unit roundoff
 
 
-def pair(bits, hadamard=True, block=32, k=96, n=24, bias=True, backend="torch", seed=0, matmul="int8"):
+def pair(bits, hadamard=True, block=32, k=96, n=24, bias=True, backend="torch", seed=0, matmul="int8",
+         grid="centered"):
     """(int8 layer, dequant layer) with the same parameters."""
     torch.manual_seed(seed)
-    w, a = QuantConfig(bits, hadamard=hadamard, block_size=block), QuantConfig(bits, hadamard=hadamard, block_size=block)
+    w, a = (QuantConfig(bits, hadamard=hadamard, block_size=block, grid=grid),
+            QuantConfig(bits, hadamard=hadamard, block_size=block, grid=grid))
     ref = QATLinear(k, n, bias, weight_quant=w, act_quant=a, backend=backend)
     with torch.no_grad():
         ref.weight.mul_(3.0)
@@ -71,10 +73,12 @@ def _float64_product(layer, x, ops):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("grid,bits", [("centered", b) for b in range(2, 8)] + [("integer", b) for b in range(2, 9)])
 @pytest.mark.parametrize("hadamard,bias", [(True, True), (True, False), (False, True)], ids=["H-bias", "H", "noH-bias"])
-def test_int8_forward_is_the_float64_product_to_the_epilogues_rounding(backend, bits, hadamard, bias):
-    ours, _ = pair(bits, hadamard, k=160, n=21, bias=bias, backend=backend, seed=bits)
+def test_int8_forward_is_the_float64_product_to_the_epilogues_rounding(backend, grid, bits, hadamard, bias):
+    # 8 bits fit int8 on the integer grid only (codes -128..127; centered ones reach 255)
+    ours, _ = pair(bits, hadamard, k=160, n=21, bias=bias, backend=backend, seed=bits, grid=grid)
+    assert qat_linear.codes_take(ours.weight_quant, ours.act_quant, 160)  # the int8 product, not the fallback
     x = torch.randn(3, 11, 160) * torch.exp(torch.randn(3, 11, 1))
     y = ours(x)
     product, expected = _float64_product(ours, x, fake_quant.get_ops(backend, x.device))
