@@ -628,3 +628,35 @@ def release(device: torch.device) -> None:
 def short_error(err: BaseException, limit: int = 200) -> str:
     msg = f"{type(err).__name__}: {err}".replace("\n", " ").replace("|", "/")
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+# ---- training studies (benchmarks/int8_parity.py, grid_comparison.py): run folders in, one report out
+
+
+def machine_line() -> str:
+    """The CPU, torch and commit a study's runs and report were made with, in one line."""
+    env = environment(torch.device("cpu"))
+    return f"{env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, commit {env['git_commit']}"
+
+
+def write_study(name: str, report: dict, markdown: str) -> int:
+    """``benchmarks/results/<name>.{json,md}`` from a study's report; 1 (and nothing written)
+    when it has no row yet."""
+    if not report["rows"]:
+        print(f"{name}: no finished runs to report yet", file=sys.stderr)
+        return 1
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+def study_main(argv, doc: str, run: Callable, report: Callable, add_options: Callable) -> int:
+    """``run`` / ``report`` subcommands; ``add_options(parser, name)`` adds each one's options."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "report"):
+        add_options(sub.add_parser(name), name)
+    args = p.parse_args(argv)
+    return run(args) if args.cmd == "run" else report(args)

@@ -27,9 +27,8 @@ sys.path.insert(0, str(ROOT))
 from cage.llama.cli import main as cage_main  # noqa: E402
 from cage.llama.sweep import paired, summarize  # noqa: E402
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import machine_line, study_main, write_study  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 RUNS = Path("runs") / "int8"
 METHODS = ("quest", "cage")
 MATMULS = ("dequant", "int8")
@@ -99,15 +98,8 @@ def summary(seeds: list[int]) -> dict:
             "first_step_loss_diff": first_diff,
             "first_step_over_1e-2": drift_step,
         })
-    return {"preset": "tiny", "bits": BITS, "steps": steps, "rows": rows, "environment": _environment(),
+    return {"preset": "tiny", "bits": BITS, "steps": steps, "rows": rows, "environment": machine_line(),
             "command": "python benchmarks/int8_parity.py run && python benchmarks/int8_parity.py report"}
-
-
-def _environment() -> str:
-    import torch
-
-    env = environment(torch.device("cpu"))
-    return f"{env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, commit {env['git_commit']}"
 
 
 def _f(x, nd=4, signed=False):
@@ -140,26 +132,17 @@ def markdown(rep: dict) -> str:
 
 def report(args) -> int:
     rep = summary(args.seeds)
-    if not rep["rows"]:
-        print("int8_parity: no finished pair of runs under runs/int8/", file=sys.stderr)
-        return 1
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "int8-parity.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (RESULTS / "int8-parity.md").write_text(markdown(rep))
-    print(markdown(rep))
-    return 0
+    return write_study("int8-parity", rep, markdown(rep))
+
+
+def _options(p: argparse.ArgumentParser, cmd: str) -> None:
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[0, 1, 2])
+    if cmd == "run":
+        p.add_argument("--steps", type=int, default=200)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report"):
-        s = sub.add_parser(name)
-        s.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[0, 1, 2])
-        if name == "run":
-            s.add_argument("--steps", type=int, default=200)
-    args = p.parse_args(argv)
-    return run(args) if args.cmd == "run" else report(args)
+    return study_main(argv, __doc__, run, report, _options)
 
 
 if __name__ == "__main__":
