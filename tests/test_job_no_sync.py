@@ -51,6 +51,17 @@ def stubbed_launches(monkeypatch):
     return calls
 
 
+@pytest.fixture(scope="module")
+def hf_config(tmp_path_factory):
+    """A tiny Llama config.json for --hf-config (GQA, tied embeddings), as the job's HF runs take it."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("hf") / "config.json"
+    transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                             tie_word_embeddings=True).to_json_file(str(path))
+    return str(path)
+
+
 def gpu_config(backend: str, **kw) -> TrainConfig:
     """The job's settings on a GPU, spelt out: what dtype "auto" and backend "auto" resolve to
     there (checked below); the optimizer is make_optimizer's on every device."""
@@ -109,7 +120,18 @@ def test_the_counter_sees_what_a_host_read_dispatches():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_the_job_step_reads_nothing_back_to_the_host(backend, grad_accum, stubbed_launches):
-    cfg = gpu_config(backend, grad_accum=grad_accum)
+    check_step_reads_nothing(gpu_config(backend, grad_accum=grad_accum), backend, stubbed_launches)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_step_of_an_hf_llama_reads_nothing_back_to_the_host(grad_accum, hf_config, stubbed_launches):
+    # a Hugging Face LlamaForCausalLM (--hf-config), W4A4 cage: transformers' own mask code reads
+    # the host once per forward unless the model is given its causal mask (HFCausalLM.causal_mask)
+    check_step_reads_nothing(gpu_config("torch", grad_accum=grad_accum, hf_config=hf_config, preset="cpu"), "torch",
+                             stubbed_launches)
+
+
+def check_step_reads_nothing(cfg, backend, stubbed_launches):
     device = torch.device("cpu")
     core, optimizer, amp, batches = step_parts(cfg, device)
     par = dist_mod.Parallel()
@@ -144,11 +166,14 @@ def test_the_job_step_runs_on_meta_tensors(backend, stubbed_launches):
     assert all(int(s["step"]) == cfg.steps for s in optimizer.state.values())
 
 
-def test_the_loop_reads_the_host_only_at_progress_lines_and_evaluations():
+@pytest.mark.parametrize("model", ["llama", "hf"])
+def test_the_loop_reads_the_host_only_at_progress_lines_and_evaluations(model, request):
     # the whole loop of train() with the GPU settings (torch backend: real numbers): as many reads
     # for 3 steps as for 9 with the same progress lines and evaluations, so none is per step
+    extra = {} if model == "llama" else {"hf_config": request.getfixturevalue("hf_config"), "preset": "cpu"}
+
     def reads(steps):
-        cfg = gpu_config("torch", steps=steps, log_every=steps, eval_every=steps)
+        cfg = gpu_config("torch", steps=steps, log_every=steps, eval_every=steps, **extra)
         with ScalarReads() as mode:
             m = train(cfg)
         assert m["completed"] and m["skipped_steps"] == 0
@@ -159,8 +184,10 @@ def test_the_loop_reads_the_host_only_at_progress_lines_and_evaluations():
     assert few <= 3 + 2  # 3 evaluations (one read each) and the grid distance of the one progress line
 
 
-def test_an_evaluation_reads_the_host_once():
-    cfg = TrainConfig(**SMALL)
+@pytest.mark.parametrize("model", ["llama", "hf"])
+def test_an_evaluation_reads_the_host_once(model, request):
+    cfg = TrainConfig(**SMALL) if model == "llama" else TrainConfig(
+        **{**SMALL, "preset": "cpu", "hf_config": request.getfixturevalue("hf_config"), "backend": "torch"})
     core, _, _ = build_mod.build_model(cfg, torch.device("cpu"))
     data = TextData(load_corpus(None), cfg.seq_len, 0)
     with ScalarReads() as mode:
@@ -172,6 +199,25 @@ def test_an_evaluation_reads_the_host_once():
         for x, y in data.eval_batches("val", 3, 4):
             total += core(x, y)[1].item()
     assert loss == total / 3
+
+
+def test_the_hf_causal_mask_gives_the_unmasked_logits_without_a_host_read(hf_config):
+    # transformers' own causal attention (no mask: its packed-sequence check reads the host) and
+    # the mask HFCausalLM passes give the same logits, sdpa and eager; the mask is built once
+    from cage.llama.hf_model import hf_model_from_config
+
+    model = hf_model_from_config(hf_config, seed=0).eval()
+    idx = torch.randint(0, 512, (3, 32), generator=torch.Generator().manual_seed(0))
+    for impl in ("sdpa", "eager"):
+        model.hf.config._attn_implementation = impl
+        with torch.no_grad(), ScalarReads() as unmasked:
+            want = model.hf(input_ids=idx, use_cache=False).logits
+        assert unmasked.reads >= 1  # what the mask avoids (the count can fail)
+        with torch.no_grad(), ScalarReads() as mode:
+            got, _ = model(idx)
+            model(idx[:2])  # another batch size: the same cached mask, expanded
+        assert mode.reads == 0 and torch.equal(got, want), impl
+    assert len(model._masks) == 2  # one per (seq_len, device, dtype): bool for sdpa, float32 for eager
 
 
 class FakeBatch:

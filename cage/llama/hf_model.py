@@ -13,6 +13,13 @@ job's targets (passing ``labels`` to HF would shift them a second time).
 - Quantization follows SPEC 3: the attention and MLP projections are QAT layers; the embedding and
   ``lm_head`` stay in full precision (``HF_SKIP``; a tied head is the embedding, and stays too).
 - ``gradient_checkpointing=True`` turns HF's own activation checkpointing on.
+- No host sync in a forward: without an attention mask, transformers 5 looks for packed sequences
+  in the position ids (``masking_utils.find_packed_sequence_indices``: an ``if`` on a tensor, one
+  read back to the host per forward; a 2-D all-ones mask still reads once, in its sdpa causal
+  skip). :meth:`HFCausalLM.causal_mask` passes the prepared 4-D causal mask instead, which
+  transformers takes as it is (0 reads; the same logits as the unmasked call, tested): boolean for
+  ``sdpa``, additive in the model's dtype for ``eager``, cached per (seq_len, device, dtype).
+  Other attention implementations get no mask (transformers' own path, with its read).
 
 Fine-tuning defaults (``FINETUNE_DEFAULTS``): a learning rate of 2e-5 with 3% warm-up and a cosine
 to a tenth, which is the usual recipe of Llama fine-tunes (Llama 2's SFT used 2e-5, Alpaca 2e-5
@@ -50,6 +57,28 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf = hf_model
+        self._masks: dict = {}  # (seq_len, device, dtype) -> the (1, 1, T, T) causal mask; not state
+
+    def causal_mask(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The 4-D causal mask of ``idx``'s batch (a view expanded over it), for the attention
+        implementations whose mask format is known (sdpa: boolean, True = attend; eager: 0 or the
+        dtype's minimum, added to the scores); None for the others. Built once per key."""
+        impl = getattr(self.hf.config, "_attn_implementation", None) or "sdpa"
+        if impl not in ("sdpa", "eager"):
+            return None
+        seq_len = idx.shape[1]
+        dtype = torch.bool if impl == "sdpa" else self.hf.get_input_embeddings().weight.dtype
+        key = (seq_len, idx.device, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            keep = torch.ones(seq_len, seq_len, dtype=torch.bool, device=idx.device).tril()
+            if dtype is not torch.bool:
+                keep = torch.zeros(seq_len, seq_len, dtype=dtype, device=idx.device).masked_fill(
+                    ~keep, torch.finfo(dtype).min)
+            if len(self._masks) >= 8:
+                self._masks.clear()
+            mask = self._masks[key] = keep.view(1, 1, seq_len, seq_len)
+        return mask.expand(idx.shape[0], 1, seq_len, seq_len)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -68,7 +97,7 @@ class HFCausalLM(nn.Module):
         return self.hf.config.vocab_size
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        logits = self.hf(input_ids=idx, use_cache=False).logits
+        logits = self.hf(input_ids=idx, attention_mask=self.causal_mask(idx), use_cache=False).logits
         loss = None
         if targets is not None:  # already shifted: position t predicts targets[t]
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
