@@ -14,7 +14,6 @@ time below 2% of the step, with no read of the whole corpus at start.
 from __future__ import annotations
 
 import json
-import platform
 import shlex
 import shutil
 import sys
@@ -134,8 +133,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     command = "python -m benchmarks.bench_data " + shlex.join(sys.argv[1:] if argv is None else argv)
     sections = [{"title": f"Data path ({args.mb:g} MB jsonl of the plays; {torch.get_num_threads()} threads)",
-                 "text": f"Command: `{command}` (CPU: {_cpu_model()}; Python {platform.python_version()}, "
-                         f"torch {torch.__version__}, tokenizers {_version('tokenizers')}, numpy {_version('numpy')}). "
+                 "text": f"Command: `{command}` ({_versions_text(env)}). "
                          "The data time is one `ShardedData.train_batch`, what the job calls each step for a "
                          "prepared --data (all rows: one process).",
                  "rows": rows, "columns": [("what", "what"), ("value", "value"), ("unit", "unit"),
@@ -143,24 +141,14 @@ def main(argv=None) -> dict:
     return common.finish("data", env, sections, args, rows, {"mb": args.mb, "command": command})
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def _versions_text(env: dict) -> str:
+    """The CPU and the package versions a result was measured with (common.environment's, and
+    common's version lookup for the data path's packages)."""
+    def version(name):
+        return common._version(name) or "absent"
 
-
-def _version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "absent"
-
+    return (f"CPU: {env['cpu']}; Python {env['python']}, torch {env['torch']}, tokenizers {version('tokenizers')}, "
+            f"numpy {version('numpy')}")
 
 if __name__ == "__main__":
     main()

@@ -113,10 +113,16 @@ class QuantConfig:
         (centered, ``code_scale = d / 2``) or ``C = k`` (integer, ``code_scale = d``)."""
         return self.levels // 2 if self.grid == "integer" else self.levels - 1
 
+    def codes_fit_int(self, bits: int) -> bool:
+        """The codes fit signed ``bits``-bit integers: ``|C| < 2**(bits - 1)``, or ``|C|`` equal to it on
+        the integer grid (whose codes run from ``-L/2`` to ``L/2 - 1``)."""
+        top = 2 ** (bits - 1)
+        return self.max_code < top or (self.grid == "integer" and self.max_code == top)
+
     @property
     def codes_fit_int8(self) -> bool:
         """The codes fit int8: up to 7 bits on the centered grid, 8 on the integer one."""
-        return self.max_code <= 127 or (self.grid == "integer" and self.max_code == 128)
+        return self.codes_fit_int(8)
 
     @property
     def one_bit_widening(self) -> float:

@@ -92,7 +92,7 @@ def check_exportable(model: nn.Module, scheme: str) -> dict[str, QuantizedLinear
                 f"--scheme w4a16 needs the integer grid, and layer {name!r} has the {cfg.grid} grid: its levels "
                 "(k - 1/2) d would need a zero point of 7.5, which int4 formats do not store; use --scheme w8a16 "
                 "or w8a8 (exact for the centered grid up to 7 bits), or train with --grid integer")
-        if cfg.max_code > 2 ** (bits - 1) or (cfg.max_code == 2 ** (bits - 1) and cfg.grid != "integer"):
+        if not cfg.codes_fit_int(bits):
             raise ValueError(
                 f"--scheme {scheme}: layer {name!r} has {cfg.bits}-bit {cfg.grid}-grid codes (|C| up to {cfg.max_code}), "
                 f"which do not fit int{bits}; "

@@ -346,3 +346,22 @@ def test_result_files_name_the_device_and_say_what_they_are(tmp_path):
     assert data["sections"][0]["rows"] == [{"a": 1.5, "b": "x"}]
     assert "| A | B |" in m.read_text() and "| 1.5 | x |" in m.read_text()
     assert "NOT GPU results" in m.read_text()
+
+
+def test_bench_data_records_the_environment_with_commons_helpers(monkeypatch):
+    # review (issue 19 item 3 follow-up): bench_data had its own copies of common._cpu_model (one that
+    # left /proc/cpuinfo open) and common._version; it takes both from common now
+    import warnings
+
+    import torch
+
+    from benchmarks import bench_data
+
+    assert not hasattr(bench_data, "_cpu_model") and not hasattr(bench_data, "_version")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        env = common.environment(torch.device("cpu"))
+    monkeypatch.setattr(common, "_version", lambda name: {"tokenizers": "9.9.9"}.get(name))
+    text = bench_data._versions_text(env)
+    assert f"CPU: {env['cpu']};" in text and f"torch {env['torch']}" in text
+    assert "tokenizers 9.9.9" in text and "numpy absent" in text

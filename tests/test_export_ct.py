@@ -211,6 +211,21 @@ def test_what_vllm_cannot_run_is_refused_in_one_line(kwargs, scheme, message, tm
     assert not (tmp_path / "ct").exists()
 
 
+def test_the_codes_fit_rule_is_the_configs(monkeypatch):
+    # review: check_exportable repeated QuantConfig.codes_fit_int8's rule; both ask QuantConfig.codes_fit_int
+    for grid in ("centered", "integer"):
+        for bits in range(1 if grid == "centered" else 2, 9):
+            cfg = cage.QuantConfig(bits, grid=grid)
+            assert cfg.codes_fit_int(8) == cfg.codes_fit_int8 == (bits <= (8 if grid == "integer" else 7))
+            assert cfg.codes_fit_int(4) == (bits <= (4 if grid == "integer" else 3))
+    from cage.export_ct import check_exportable
+
+    model = hf_model("integer")
+    assert len(check_exportable(model, "w4a16")) == 14
+    monkeypatch.setattr(cage.QuantConfig, "codes_fit_int", lambda self, bits: False)
+    with pytest.raises(ValueError, match="which do not fit int4"):
+        check_exportable(model, "w4a16")
+
 def test_two_block_sizes_get_one_transform_scheme_each(tmp_path):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -198,17 +198,21 @@ def test_integer_grid_round_trip_and_version_1_configs(tmp_path):
             load(tmp_path / "v1")
 
 
-def test_trainer_keeps_training_a_loaded_qat_model(tmp_path):
+def training_args(output_dir, **kwargs):
+    """transformers' TrainingArguments for these tests: on the CPU, quiet, reporting nowhere."""
     pytest.importorskip("accelerate")  # TrainingArguments needs it
+    return transformers.TrainingArguments(output_dir=str(output_dir), report_to=[], use_cpu=True, disable_tqdm=True,
+                                          **kwargs)
+
+
+def test_trainer_keeps_training_a_loaded_qat_model(tmp_path):
     cage.hf.save_pretrained(_hf_llama(), tmp_path / "qat")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qat")
     model.train()
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
     data = [{"input_ids": row, "labels": row} for row in ids]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
-                                          report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                                          disable_tqdm=True)
+    args = training_args(tmp_path / "out", max_steps=3, per_device_train_batch_size=4, save_strategy="no", logging_steps=1)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(
         cage.CAGEAdamW, {"model": model, "lr": 1e-3, "total_steps": 3}))
     trainer.train()
@@ -266,13 +270,10 @@ def test_prepare_qat_on_a_pretrained_model_makes_plain_save_pretrained_carry_the
 
 
 def test_a_trainer_checkpoint_of_a_prepared_model_loads_with_its_qat_layers(tmp_path):
-    pytest.importorskip("accelerate")  # TrainingArguments needs it
     model = _hf_llama().train()
     ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
     data = [{"input_ids": row, "labels": row} for row in ids]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
-                                          report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
-                                          disable_tqdm=True)
+    args = training_args(tmp_path / "out", max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(
         cage.CAGEAdamW, {"model": model, "lr": 1e-3, "total_steps": 2}))
     trainer.train()
