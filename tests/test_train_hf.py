@@ -231,3 +231,47 @@ def test_resume_checks_the_hf_options(one_process, assets, tmp_path):
     with pytest.raises(ValueError, match="hf_model: checkpoint"):
         train(TrainConfig(**{**json.loads((out / "metrics.json").read_text())["config"], "resume": True,
                              "hf_model": str(other)}))
+
+
+def quiet(*a, **k):
+    pass
+
+
+def test_the_tokenizer_goes_into_the_run_and_its_export_wherever_it_was_named(assets, tmp_path, monkeypatch):
+    # issue 19 review: a prepared index named its tokenizer as typed (relative to prepare-data's
+    # folder) and RUN/hf/ silently lacked it elsewhere; now the index holds the absolute path, the
+    # run copies the files into RUN/tokenizer/ when it starts, and they serve RUN/hf/ and the export
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(assets["model"], work / "tok")
+    monkeypatch.chdir(work)
+    prepare([assets["corpus"]], "prepared", tokenizer="tok", processes=1, log=quiet)
+    assert Path(json.loads((work / "prepared" / "index.json").read_text())["tokenizer"]["path"]).is_absolute()
+    monkeypatch.chdir(tmp_path)  # where "tok" names nothing
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), **run_cfg(assets, data=str(work / "prepared"), method="bf16", steps=2,
+                                               eval_every=2)))
+    want = {name: (work / "tok" / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
+    assert {name: (out / "hf" / name).read_bytes() for name in want} == want
+    shutil.rmtree(work / "tok")  # gone since: the run's copy serves the export
+    assert cli.main(["export", "--format", "hf", "--run", str(out), "--out", str(tmp_path / "exported")]) == 0
+    assert {name: (tmp_path / "exported" / name).read_bytes() for name in want} == want
+
+
+def test_a_missing_or_changed_tokenizer_of_prepared_data_is_one_line(assets, tmp_path, capsys):
+    import shutil
+
+    tok = shutil.copytree(assets["model"], tmp_path / "tok") / "tokenizer.json"
+    prepare([assets["corpus"]], str(tmp_path / "prepared"), tokenizer=str(tok.parent), processes=1, log=quiet)
+    argv = ["train", "--hf-model", assets["model"], "--data", str(tmp_path / "prepared"), "--out",
+            str(tmp_path / "never")]
+    tok.write_text(tok.read_text() + "\n")  # the same tokens, other bytes: not the file the data was made with
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--data {tmp_path / 'prepared'}: its tokenizer {tok} has changed" in err and err.count("\n") == 1, err
+    tok.unlink()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"its tokenizer {tok} is gone" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "never").exists()

@@ -95,7 +95,9 @@ def load_run_model(run) -> tuple[torch.nn.Module, TrainConfig]:
     if ckpt is None:
         raise FileNotFoundError(f"--run: no checkpoint in {run} (neither {CHECKPOINT} nor {DCP_DIR}/{DCP_STATE})")
     check_model_config(run, ckpt)  # sizes against the stored weights, before anything is built
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    # the run's folder is where it was read from (its saved --out may be relative to another
+    # folder): an HF run's tokenizer files are in it (cage.llama.job.sources.TOKENIZER_DIR)
+    cfg = dataclasses.replace(TrainConfig.from_dict(ckpt["config"]), out=str(run))
     model, _, _ = build_model(cfg, torch.device("cpu"), pretrained=False)
     model.load_state_dict(load_model_state(run, ckpt))
     return model.eval(), cfg

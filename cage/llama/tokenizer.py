@@ -64,7 +64,7 @@ class HFTokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"--tokenizer: no tokenizer.json in {str(path)!r} (sentencepiece and tiktoken "
                                     "files are not taken: convert them to tokenizer.json)")
-        self.path = file
+        self.path = file.resolve()  # absolute: the index and the run's records name it from anywhere
         self.sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
         self._tok = Tokenizer.from_file(str(file))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

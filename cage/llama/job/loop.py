@@ -34,7 +34,7 @@ from .machine import autocast_context, choose_threads, environment, resolve_devi
 from .plots import save_plot
 from .records import TrainRecords, weight_grid_distance
 from .signals import SignalBeforeStart, TrainingInterrupted, stop_on_signals
-from .sources import HF_DIR, RunData, write_run_hf_folder
+from .sources import HF_DIR, RunData, stage_tokenizer, write_run_hf_folder
 
 
 @torch.no_grad()
@@ -266,6 +266,7 @@ class TrainRun:
         cfg, par = self.cfg, self.par
         if self.out is not None and par.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            stage_tokenizer(cfg)  # an HF run's tokenizer files, for RUN/hf/ and cage export
         self.corpus_info = self.data.info
         self.env = environment(self.device)
         self.prior_wall_time = self.history["wall_time_s"]  # of earlier sessions of this run

@@ -27,12 +27,13 @@ except ImportError:  # not POSIX: no lock
 from .checkpoint import CHECKPOINT, DCP_DIR, METRICS, PLOT, has_checkpoint
 from .config import TrainConfig
 from .records import TENSORBOARD_DIR, TRAIN_LOG
-from .sources import HF_DIR
+from .sources import HF_DIR, TOKENIZER_DIR
 
 # Everything a run writes into its folder (and its half-written ``.tmp`` twins): what marks the
 # folder as holding a run, and what --overwrite deletes. Other files there are left alone.
-# (HF_DIR: the LlamaForCausalLM folder an --hf-model/--hf-config run writes at its end)
-RUN_OUTPUTS = (CHECKPOINT, DCP_DIR, METRICS, PLOT, TRAIN_LOG, TENSORBOARD_DIR, HF_DIR)
+# (HF_DIR: the LlamaForCausalLM folder an --hf-model/--hf-config run writes at its end;
+# TOKENIZER_DIR: its tokenizer's files, copied there at its start)
+RUN_OUTPUTS = (CHECKPOINT, DCP_DIR, METRICS, PLOT, TRAIN_LOG, TENSORBOARD_DIR, HF_DIR, TOKENIZER_DIR)
 
 # what only a run that saved something leaves (a complete checkpoint comes with its metrics)
 SAVED_OUTPUTS = (CHECKPOINT, METRICS)
