@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -80,6 +81,23 @@ def save_pretrained(model, directory, **kwargs) -> None:
     model.save_pretrained(directory, **kwargs)
 
 
+def check_index_names(names, folder: str | None, where: str) -> None:
+    """The one rule for the weight files a checkpoint's index names (``cage.hf.from_pretrained`` and
+    the registered quantizer, :mod:`cage.hf_quantizer`): each is a relative path inside ``folder``
+    (files of a subfolder included, as transformers loads them); a name that is not a string, is
+    empty or the folder itself, is absolute, or has a ``..`` part, is a ValueError before anything is
+    read. ``folder=None``: the names are paths into a download cache (a hub model id, resolved by
+    huggingface_hub), where only a ``..`` part is refused."""
+    for name in names:
+        parts = Path(name).parts if isinstance(name, str) else None
+        if folder is None:
+            bad = parts is None or ".." in parts
+        else:
+            bad = not parts or os.path.isabs(name) or ".." in parts
+        if bad:
+            raise ValueError(f"{where}: the weights index names {name!r}, which is not a file in "
+                             f"{folder or 'the checkpoint folder'}; an index may only name files of its folder")
+
 def _weight_files(directory: Path) -> list[str]:
     index = directory / WEIGHTS_INDEX
     if index.is_file():
@@ -87,9 +105,7 @@ def _weight_files(directory: Path) -> list[str]:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"cage.hf.from_pretrained: {index} is not a weights index ({type(err).__name__}: {err})") from None
-        for name in files:
-            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
-                raise ValueError(f"cage.hf.from_pretrained: {index} names {name!r}, which is not a file in {directory}")
+        check_index_names(files, str(directory), f"cage.hf.from_pretrained: {index}")
         return files
     if (directory / WEIGHTS_FILE).is_file():
         return [WEIGHTS_FILE]

@@ -10,7 +10,6 @@ This module imports transformers: import it only through :func:`cage.hf.register
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from torch import nn
 from transformers.quantizers import HfQuantizer
@@ -22,20 +21,20 @@ from .serialize import FORMAT_VERSION, READABLE_VERSIONS, check_scales, quantize
 QUANT_METHOD = "cage"
 
 
-def check_checkpoint_files(files: list[str], folder: str, where: str) -> None:
-    """The weight files a checkpoint's index names lie in its folder: a ``..`` in a name, or (for a
-    local folder) a path outside it, is a ValueError before anything is read. Paths are compared as
-    written, so files that are symlinks into a cache (a hub snapshot) still load."""
-    local = os.path.isdir(folder)
-    root = os.path.normpath(os.path.abspath(folder)) if local else None
-    for f in files:
-        outside = ".." in Path(f).parts
-        if root is not None:
-            path = os.path.normpath(os.path.abspath(f))
-            outside = outside or os.path.commonpath([root, path]) != root
-        if outside:
-            raise ValueError(f"{where}: the weights index names {f}, which is not a file in "
-                             f"{folder or 'the checkpoint folder'}; an index may only name files of its folder")
+# the first transformers that passes the checkpoint's files to preprocess_model (4.57.6, the last
+# 4.x, does not): without them the index could not be checked (check_index_names)
+MIN_TRANSFORMERS = "5.0"
+
+
+def checkpoint_index_names(files, folder: str) -> tuple[list[str], str | None]:
+    """The files transformers resolved a checkpoint's index to (paths, absolute or relative to the
+    working directory) as names relative to the checkpoint's local folder, and that folder; for a
+    hub model id (no local folder), the paths themselves and None (:func:`cage.hf.check_index_names`).
+    Paths are compared as written, not resolved, so files that are symlinks into a cache still load."""
+    if not (folder and os.path.isdir(folder)):
+        return [str(f) for f in files], None
+    root = os.path.abspath(folder)
+    return [os.path.relpath(os.path.abspath(f), root) for f in files], folder
 
 
 class CageQuantizationConfig(QuantizationConfigMixin):
@@ -81,11 +80,18 @@ class CageHfQuantizer(HfQuantizer):
     requires_calibration = True  # the checkpoint must already be quantized: there is no on-the-fly path
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .hf import swap_layers  # cage.hf imports this module (register), not the other way round
+        from .hf import check_index_names, swap_layers  # cage.hf imports this module (register), not the other way round
 
         where = f"cage quantizer ({getattr(model.config, 'name_or_path', '') or type(model).__name__})"
-        self._checkpoint_files = [str(f) for f in (kwargs.get("checkpoint_files") or ())]
-        check_checkpoint_files(self._checkpoint_files, getattr(model.config, "name_or_path", "") or "", where)
+        if "checkpoint_files" not in kwargs:  # fail closed: the index's files could not be checked
+            import transformers
+
+            raise ValueError(f"{where}: transformers {transformers.__version__} does not pass the checkpoint's files to "
+                             "the quantizer, so the cage quantizer cannot check that the weights index names only files "
+                             f"of its folder; cage.hf needs transformers >= {MIN_TRANSFORMERS} (pip install -e '.[hf]')")
+        self._checkpoint_files = [str(f) for f in (kwargs["checkpoint_files"] or ())]  # None: no files (a state_dict)
+        check_index_names(*checkpoint_index_names(self._checkpoint_files, getattr(model.config, "name_or_path", "") or ""),
+                          where)
         swap_layers(model, self.quantization_config.layers, where, model_dtype=True)
         return model
 
@@ -97,7 +103,7 @@ class CageHfQuantizer(HfQuantizer):
         for name, layer in layers.items():  # a NaN, Inf or <= 0 row scale is a damaged file, not a model
             if hasattr(layer, "weight_scale"):
                 check_scales({f"{name}.weight_scale": layer.weight_scale}, {name: {"kind": "quantized"}},
-                             self._file_holding(f"{name}.weight_scale", model))
+                             lambda name=name: self._file_holding(f"{name}.weight_scale", model))  # only on failure
         return model
 
     def _file_holding(self, key: str, model) -> str:

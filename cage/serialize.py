@@ -382,7 +382,11 @@ def check_tensors(tensors: dict, model, path) -> None:
 def check_scales(tensors: dict, layers: dict, where) -> None:
     """Every quantized layer's ``weight_scale`` in ``tensors`` (a file's, by state dict key) is what
     the quantizer writes, a row scale ``alpha * rms > 0``: a NaN, an Inf, zero or a negative value
-    (which would silently flip or poison the layer's rows) is a ValueError naming ``where`` and the layer."""
+    (which would silently flip or poison the layer's rows) is a ValueError naming ``where`` and the layer.
+    ``where`` may be a function returning it, called only for the error."""
+    def place():
+        return where() if callable(where) else where
+
     for name, spec in layers.items():
         if not isinstance(spec, dict) or spec.get("kind") != "quantized":
             continue
@@ -391,12 +395,12 @@ def check_scales(tensors: dict, layers: dict, where) -> None:
         if not isinstance(scale, torch.Tensor) or scale.is_meta or not scale.numel():
             continue
         if not scale.is_floating_point():
-            raise ValueError(f"{where}: layer {name!r}: weight_scale is {scale.dtype}, not a floating-point tensor")
+            raise ValueError(f"{place()}: layer {name!r}: weight_scale is {scale.dtype}, not a floating-point tensor")
         if not bool(torch.isfinite(scale).all()):
-            raise ValueError(f"{where}: layer {name!r}: weight_scale holds NaN or Inf "
+            raise ValueError(f"{place()}: layer {name!r}: weight_scale holds NaN or Inf "
                              "(a row scale is alpha * rms, finite and > 0): the file is damaged")
         if not bool((scale > 0).all()):
-            raise ValueError(f"{where}: layer {name!r}: weight_scale holds values <= 0 (the smallest is "
+            raise ValueError(f"{place()}: layer {name!r}: weight_scale holds values <= 0 (the smallest is "
                              f"{scale.min().item():.6g}; a row scale is alpha * rms > 0): the file is damaged")
 
 

@@ -289,3 +289,33 @@ def test_prepare_qat_on_a_plain_module_attaches_nothing():
     model = torch.nn.Sequential(torch.nn.Linear(64, 64))
     cage.prepare_qat(model, weight=cage.QuantConfig(4, block_size=64))
     assert not hasattr(model, "hf_quantizer") and not hasattr(model, "config")
+
+
+def test_the_quantizer_fails_closed_without_the_checkpoint_files():
+    # review: with a transformers that does not pass checkpoint_files (4.x), the index check was
+    # silently off; now that is an error naming the version needed (pyproject's hf extra asks for it)
+    from cage.hf_quantizer import MIN_TRANSFORMERS, CageHfQuantizer, CageQuantizationConfig
+
+    model = _hf_llama()
+    config = CageQuantizationConfig.from_model(model)
+    plain = transformers.LlamaForCausalLM(model.config)
+    with pytest.raises(ValueError, match=rf"does not pass the checkpoint's files.*needs transformers >= {MIN_TRANSFORMERS}"):
+        CageHfQuantizer(config).preprocess_model(plain)
+    CageHfQuantizer(config).preprocess_model(plain, checkpoint_files=None)  # passed, and none: nothing to check
+    assert type(plain.model.layers[0].mlp.down_proj) is cage.QATLinear
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"transformers>={MIN_TRANSFORMERS}" in extras["hf"]
+
+
+def test_the_file_holding_a_scale_is_looked_up_only_for_an_error(tmp_path, monkeypatch):
+    # review: it was looked up for every layer of every load (each shard's header opened per layer)
+    from cage.hf_quantizer import CageHfQuantizer
+
+    cage.hf.save_pretrained(cage.convert(_hf_llama()), tmp_path)
+
+    def looked_up(*args):
+        raise AssertionError("_file_holding called for a checkpoint with good scales")
+    monkeypatch.setattr(CageHfQuantizer, "_file_holding", looked_up)
+    served = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(served.model.layers[1].mlp.down_proj) is cage.QuantizedLinear

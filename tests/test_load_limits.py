@@ -235,7 +235,7 @@ def test_plain_from_pretrained_reads_no_weights_outside_the_folder(hf_dir, tmp_p
         keys = list(f.keys())
     target = str(outside / cage.hf.WEIGHTS_FILE) if absolute else f"../outside/{cage.hf.WEIGHTS_FILE}"
     (directory / cage.hf.WEIGHTS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {k: target for k in keys}}))
-    with pytest.raises(ValueError, match=r"the weights index names .*model\.safetensors, which is not a file in") as err:
+    with pytest.raises(ValueError, match=r"the weights index names '\.\./outside/model\.safetensors', which is not a file in") as err:
         transformers.AutoModelForCausalLM.from_pretrained(directory)
     assert str(directory) in str(err.value)
     # the same files inside the folder load
@@ -244,3 +244,32 @@ def test_plain_from_pretrained_reads_no_weights_outside_the_folder(hf_dir, tmp_p
                                                                "weight_map": {k: "part.safetensors" for k in keys}}))
     back = transformers.AutoModelForCausalLM.from_pretrained(directory)
     assert type(back.model.layers[0].mlp.down_proj) is cage.QATLinear
+
+
+@pytest.mark.parametrize("name, loads", [
+    ("sub/part.safetensors", True), ("./part.safetensors", True),
+    ("../part.safetensors", False), ("sub/../../part.safetensors", False), ("{abs}", False), (".", False), ("", False),
+])
+def test_both_loaders_apply_one_rule_to_the_index(hf_dir, tmp_path, name, loads):
+    # review: cage.hf.from_pretrained took bare file names only, the registered quantizer files of
+    # subfolders too; one rule now (cage.hf.check_index_names): a relative path inside the folder
+    from safetensors import safe_open
+
+    directory = tmp_path / "folder"
+    directory.mkdir()
+    shutil.copy(hf_dir / "config.json", directory)
+    for place in (directory / "sub", directory, tmp_path):
+        place.mkdir(exist_ok=True)
+        shutil.copy(hf_dir / cage.hf.WEIGHTS_FILE, place / "part.safetensors")
+    name = name.format(abs=tmp_path / "part.safetensors")
+    with safe_open(str(hf_dir / cage.hf.WEIGHTS_FILE), framework="pt") as f:
+        keys = list(f.keys())
+    (directory / cage.hf.WEIGHTS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {k: name for k in keys}}))
+    for load in (cage.hf.from_pretrained, transformers.AutoModelForCausalLM.from_pretrained):
+        if loads:
+            assert type(load(directory).model.layers[0].mlp.down_proj) is cage.QATLinear
+        else:
+            with pytest.raises((ValueError, OSError)) as err:  # transformers itself may refuse "." or "" first
+                load(directory)
+            if name not in (".", ""):
+                assert "the weights index names" in str(err.value) and "which is not a file in" in str(err.value)
