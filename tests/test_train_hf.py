@@ -275,3 +275,35 @@ def test_a_missing_or_changed_tokenizer_of_prepared_data_is_one_line(assets, tmp
     err = capsys.readouterr().err
     assert f"its tokenizer {tok} is gone" in err and err.count("\n") == 1, err
     assert not (tmp_path / "never").exists()
+
+
+def test_resume_and_export_build_the_model_from_the_runs_saved_config(assets, tmp_path, monkeypatch, capsys):
+    # issue 19 review: resume and export read the --hf-model folder's config.json again, so an edit
+    # (rope_theta, rms_norm_eps) silently changed the model; now the checkpoint holds the config.json
+    # the run started with, an edited one still there is refused on --resume, and a moved one (or a
+    # relative path from elsewhere) no longer matters
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(assets["model"], work / "llama")
+    monkeypatch.chdir(work)
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), **run_cfg(assets, hf_model="llama", steps=4, stop_after=2, eval_every=2)))
+    original = json.loads((work / "llama" / "config.json").read_text())
+    edited = {**original, "rms_norm_eps": 1e-2, "rope_parameters": {**original["rope_parameters"], "rope_theta": 50.0}}
+    (work / "llama" / "config.json").write_text(json.dumps(edited))
+    resume = ["train", "--resume", "--quiet", "--out", str(out)]
+    capsys.readouterr()  # the first session's progress bars
+    assert cli.main(resume) == 2
+    err = capsys.readouterr().err
+    assert "differs from the config.json the run started with in rms_norm_eps, rope_parameters" in err, err
+    assert err.count("\n") == 1
+    core, _ = load_run_model(out)  # the export's model: the run's architecture, not the edited file's
+    assert core.config.rms_norm_eps == original["rms_norm_eps"]
+    assert core.config.rope_parameters["rope_theta"] == original["rope_parameters"]["rope_theta"]
+    monkeypatch.chdir(tmp_path)  # "llama" names nothing from here: the saved config is enough
+    assert cli.main(resume) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["completed"] and m["model"]["rms_norm_eps"] == original["rms_norm_eps"]
+    assert cli.main(["export", "--format", "hf", "--run", str(out), "--out", str(tmp_path / "exported")]) == 0
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["rms_norm_eps"] == original["rms_norm_eps"]

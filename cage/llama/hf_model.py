@@ -123,14 +123,18 @@ def load_hf_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, gra
     return _wrap(model, gradient_checkpointing)
 
 
-def hf_model_from_config(file: str | Path, *, seed: int, dtype: torch.dtype = torch.float32,
+def hf_model_from_config(file: str | Path | dict, *, seed: int, dtype: torch.dtype = torch.float32,
                          gradient_checkpointing: bool = False) -> HFCausalLM:
-    """A ``LlamaForCausalLM`` of the architecture in ``file`` (a config.json), initialised from ``seed``."""
+    """A ``LlamaForCausalLM`` of the architecture in ``file`` (a config.json, or its dict),
+    initialised from ``seed``."""
     transformers = _transformers()
-    file = Path(file).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"--hf-config: {str(file)!r} does not exist (a Llama config.json)")
-    config = transformers.LlamaConfig.from_json_file(str(file))
+    if isinstance(file, dict):
+        config = transformers.LlamaConfig.from_dict(dict(file))
+    else:
+        file = Path(file).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"--hf-config: {str(file)!r} does not exist (a Llama config.json)")
+        config = transformers.LlamaConfig.from_json_file(str(file))
     _check_llama(config)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).to(dtype)

@@ -42,13 +42,15 @@ def quant_configs(cfg: TrainConfig, block_size: int) -> tuple[QuantConfig | None
 def build_hf_model(cfg: TrainConfig, pretrained: bool = True):
     """The run's HF Llama (``cage.llama.hf_model.HFCausalLM``), not yet prepared: an --hf-model
     folder's pretrained weights (``pretrained=False``: its architecture only, for a checkpoint's
-    weights to be loaded into), or an --hf-config's from ``cfg.seed``."""
+    weights to be loaded into), or an --hf-config's from ``cfg.seed``. The architecture is the
+    run's saved config.json (``cfg.hf_config_dict``) when it has one, else the file's."""
     from ..hf_model import hf_model_from_config, load_hf_model
     from .sources import hf_config_file
 
     if cfg.hf_model is not None and pretrained:
         return load_hf_model(cfg.hf_model, gradient_checkpointing=cfg.gradient_checkpointing)
-    return hf_model_from_config(hf_config_file(cfg), seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+    source = cfg.hf_config_dict if cfg.hf_config_dict is not None else hf_config_file(cfg)
+    return hf_model_from_config(source, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def prepare_model(cfg: TrainConfig, model, device: torch.device):

@@ -80,6 +80,11 @@ class TrainConfig:
     # Hugging Face tokenizer.json or folder (cage.llama.tokenizer). A prepared --data folder names its own
     tokenizer: str | None = None
     gradient_checkpointing: bool = False  # HF's activation checkpointing (same math, less memory)
+    # set by the run, not an option: the --hf-model folder's / --hf-config file's config.json as read
+    # when the run started. Saved in the checkpoint's config, it is what a resumed run and cage export
+    # build the model from (an edited or moved config.json does not change the run; --resume refuses
+    # one that differs while it is there)
+    hf_config_dict: dict | None = None
     # how it is trained
     steps: int = 500  # with the other defaults: about 1.5 min on 2 idle CPU cores
     batch_size: int = 16

@@ -25,7 +25,7 @@ from ..data import SPLITS, TextData, load_corpus
 from ..model import count_params
 from .build import build_hf_model, build_model, lr_at, prepare_model
 from .checkpoint import (CHECKPOINT, METRICS, PLOT, _atomic_write, _check_resume_config, _checkpoint_threads,
-                         restore_weights, resume_checkpoint, run_state, save_checkpoint,
+                         find_checkpoint, restore_weights, resume_checkpoint, run_state, save_checkpoint,
                          save_distributed_checkpoint)
 from .config import TrainConfig
 from .outdir import check_out_dir, clear_run_outputs, lock_out_dir
@@ -157,6 +157,7 @@ def train(cfg: TrainConfig) -> dict:
             threads = choose_threads()
         if threads:
             torch.set_num_threads(threads)
+        cfg = _with_hf_config(cfg)
         cfg.validate()
         with lock_out_dir(cfg):  # one run per folder, from before it is looked at
             replaced = clear_run_outputs(cfg, check_out_dir(cfg))  # before any work: a folder holding a run is refused
@@ -180,6 +181,28 @@ def train(cfg: TrainConfig) -> dict:
             return result
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _with_hf_config(cfg: TrainConfig) -> TrainConfig:
+    """An HF run's config with its ``hf_config_dict``: on a new run the config.json as read now;
+    on --resume the checkpoint's (when the config given lacks it and the checkpoint has one; a
+    checkpoint from before it was saved leaves it None: the file is read, as then)."""
+    if not cfg.is_hf:
+        return cfg
+    if cfg.resume:
+        if cfg.hf_config_dict is None and cfg.out:
+            ckpt = find_checkpoint(Path(cfg.out))
+            saved = None if ckpt is None else ckpt.get("config", {}).get("hf_config_dict")
+            if saved is not None:
+                return dataclasses.replace(cfg, hf_config_dict=saved)
+        return cfg
+    from .sources import hf_config_dict
+
+    fresh = dataclasses.replace(cfg, hf_config_dict=None)
+    try:
+        return dataclasses.replace(fresh, hf_config_dict=hf_config_dict(fresh))
+    except (ValueError, FileNotFoundError):
+        return fresh  # validate() says what is wrong, by option
 
 
 # agreed_signal's code for the time limit: below every stop signal, so a signal wins (SIGHUP is
@@ -227,7 +250,7 @@ class TrainRun:
         cfg, par = self.cfg, self.par
         self.data = RunData(cfg, load_corpus)  # this module's name: what tests replace to see when it loads
         if cfg.is_hf:
-            base = build_hf_model(cfg)
+            base = build_hf_model(cfg, pretrained=not cfg.resume)  # resumed: the checkpoint's weights
             if cfg.hf_model is not None and not cfg.resume:
                 # the gap a QAT fine-tune leaves: the pretrained model as it was, unquantized
                 base.to(self.device)

@@ -71,6 +71,10 @@ def _read_config(path: str, mtime_ns: int) -> dict:
 
 
 def hf_config_dict(cfg) -> dict:
+    """The HF model's config.json: the run's saved copy (``cfg.hf_config_dict``) once it has one,
+    else the file's."""
+    if getattr(cfg, "hf_config_dict", None) is not None:
+        return cfg.hf_config_dict
     option = "--hf-model" if cfg.hf_model is not None else "--hf-config"
     path = hf_config_file(cfg)
     if cfg.hf_model is not None and not Path(cfg.hf_model).expanduser().is_dir():
@@ -87,6 +91,27 @@ def hf_config_dict(cfg) -> dict:
         raise ValueError(f"{option}: {path} describes a {config.get('model_type')!r} model; cage train takes a "
                          "Llama (model_type 'llama', LlamaForCausalLM)")
     return config
+
+
+# config.json keys that do not describe the model (a re-save with another transformers changes them)
+NOT_ARCHITECTURE = ("transformers_version", "_name_or_path", "use_cache")
+
+
+def changed_hf_config_keys(cfg) -> list[str]:
+    """The keys in which the --hf-model/--hf-config config.json, where it still is, differs from
+    the run's saved copy (``cfg.hf_config_dict``); [] when it is gone or equal."""
+    path = hf_config_file(cfg)
+    if cfg.hf_config_dict is None or not path.is_file():
+        return []
+    try:
+        now = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ["(the file is not readable JSON)"]
+    if not isinstance(now, dict):
+        return ["(the file is not a JSON object)"]
+    saved, missing = cfg.hf_config_dict, object()
+    return sorted(k for k in set(now) | set(saved)
+                  if k not in NOT_ARCHITECTURE and now.get(k, missing) != saved.get(k, missing))
 
 
 def hf_shape(cfg) -> HFShape:
@@ -162,8 +187,14 @@ def check(cfg) -> None:
             if getattr(cfg, name) is not None:
                 raise ValueError(f"--{name.replace('_', '-')} sizes the job's own Llama; the {option} model's "
                                  "sizes are its config.json's (leave it out)")
+        if cfg.resume and cfg.hf_config_dict is not None:
+            changed = changed_hf_config_keys(cfg)
+            if changed:
+                raise ValueError(f"--resume: {hf_config_file(cfg)} ({option}) differs from the config.json the run "
+                                 f"started with in {', '.join(changed)}; the checkpoint keeps that one and the run "
+                                 "continues with it: restore the file, or move it away, to resume")
         hf_shape(cfg)
-        if cfg.hf_model is not None and not any(Path(cfg.hf_model).expanduser().glob("*.safetensors")) and not any(
+        if cfg.hf_model is not None and not cfg.resume and not any(Path(cfg.hf_model).expanduser().glob("*.safetensors")) and not any(
                 Path(cfg.hf_model).expanduser().glob("pytorch_model*.bin")):
             raise FileNotFoundError(f"--hf-model: {cfg.hf_model!r} holds no weights (*.safetensors); to start "
                                     "from its config.json alone use --hf-config")
