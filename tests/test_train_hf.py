@@ -307,3 +307,25 @@ def test_resume_and_export_build_the_model_from_the_runs_saved_config(assets, tm
     assert m["completed"] and m["model"]["rms_norm_eps"] == original["rms_norm_eps"]
     assert cli.main(["export", "--format", "hf", "--run", str(out), "--out", str(tmp_path / "exported")]) == 0
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["rms_norm_eps"] == original["rms_norm_eps"]
+
+
+def test_gradient_checkpointing_counts_in_the_memory_check(assets, monkeypatch):
+    # issue 19 review: the activation lower bound ignored --gradient-checkpointing, so a batch that
+    # fits with it was refused; with it a block keeps its input only, and one block its internals
+    from cage.llama.job import config as config_mod
+    from cage.llama.job import machine
+
+    base = dict(hf_model=assets["model"], data=assets["prepared"], seq_len=64, batch_size=4096, threads=1)
+    plain = TrainConfig(**base)
+    checkpointed = TrainConfig(**base, gradient_checkpointing=True)
+    shape = plain.model_config()
+    per_token = {k: config_mod.activation_bytes_lower_bound(c, 1) // 64 for k, c in
+                 (("plain", plain), ("checkpointed", checkpointed))}
+    block = 2 * shape.dim + 3 * shape.ffn_dim
+    assert per_token["plain"] - per_token["checkpointed"] == 4 * (shape.n_layers * block - shape.n_layers * shape.dim
+                                                                  - block)
+    need = {k: 4096 * 64 * v for k, v in per_token.items()}
+    monkeypatch.setattr(machine, "memory_bytes", lambda device: (need["plain"] + need["checkpointed"]) // 2)
+    with pytest.raises(ValueError, match="--batch-size 4096: one micro-batch of 4096 sequences"):
+        plain.validate()
+    checkpointed.validate()  # the same batch fits with --gradient-checkpointing

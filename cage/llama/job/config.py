@@ -331,12 +331,16 @@ def activation_bytes_lower_bound(cfg: TrainConfig, sequences: int, device: torch
     """Bytes that the forward of ``sequences`` x ``cfg.seq_len`` tokens certainly keeps for its
     backward (a lower bound: the real figure is several times it): per token, the logits and the
     fp32 log-softmax of the loss, and per layer the two normed inputs and the SwiGLU's three
-    hidden vectors, in the autocast dtype (bf16 on CUDA by default, else fp32)."""
+    hidden vectors, in the autocast dtype (bf16 on CUDA by default, else fp32). With
+    --gradient-checkpointing a block keeps only its input (``dim`` per token) and its internals
+    exist for one block at a time, while it is recomputed in the backward."""
     mcfg = cfg.model_config()
     device = device if device is not None else resolve_device(cfg.device)
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     elem = 2 if bf16 else 4
-    per_token = mcfg.vocab_size * (elem + 4) + mcfg.n_layers * (2 * mcfg.dim + 3 * mcfg.ffn_dim) * elem
+    block = 2 * mcfg.dim + 3 * mcfg.ffn_dim  # what one block keeps for its backward, per token
+    layers = mcfg.n_layers * mcfg.dim + block if cfg.gradient_checkpointing else mcfg.n_layers * block
+    per_token = mcfg.vocab_size * (elem + 4) + layers * elem
     return sequences * cfg.seq_len * per_token
 
 
