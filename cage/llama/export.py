@@ -20,6 +20,10 @@ are gathered into full tensors) and rebuilds the run's QAT model. Then, by ``--f
   its ``transform_config``: what vLLM serves. Exact weights (fp32 scales); the activation quantizer
   is the scheme's, not the run's.
 
+A run that trained a Hugging Face Llama (``--hf-model`` / ``--hf-config``) exports as ``hf`` or
+``compressed-tensors`` (its own LlamaForCausalLM and tokenizer), not as ``cage``. A failed export
+leaves no half-written folder.
+
 The checkpoint is checked first: nothing from the folder runs, a damaged file is an error naming
 it, and the model its config describes must have the stored tensors' shapes before it is built.
 """
@@ -27,8 +31,10 @@ it, and the model its config describes must have the stored tensors' shapes befo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -122,7 +128,7 @@ def export_run(run, out, fmt: str = "cage", *, scheme: str | None = None, qat: b
         _import_compressed_tensors()  # before the run is read
     model, cfg = load_run_model(run)
     if cfg.is_hf:  # an --hf-model / --hf-config run: its own Llama class and tokenizer
-        return _export_hf_run(model, cfg, out, fmt, qat)
+        return _export_hf_run(model, cfg, out, fmt, scheme, qat)
     extra = {LLAMA_CONFIG_KEY: dataclasses.asdict(model.config), TRAIN_CONFIG_KEY: cfg.to_dict()}
     if fmt == "cage":
         convert(model)
@@ -141,9 +147,7 @@ def export_run(run, out, fmt: str = "cage", *, scheme: str | None = None, qat: b
         from ..export_ct import check_exportable
 
         check_exportable(hf, scheme)  # every refusal before the folder is made
-    created = not out.exists()
-    out.mkdir(exist_ok=True)
-    try:
+    with whole_or_nothing(out):
         if fmt == "hf":
             report = save_hf(hf, out)
         else:
@@ -152,32 +156,61 @@ def export_run(run, out, fmt: str = "cage", *, scheme: str | None = None, qat: b
 
             report = export_compressed_tensors(hf, out, scheme)
             write_byte_tokenizer(out, model.config.max_seq_len)
+        (out / EXPORT_INFO).write_text(json.dumps({"format": fmt, "scheme": scheme, "qat": qat, **extra}, indent=2,
+                                                  sort_keys=True) + "\n")
+    return {**report, "files": folder_files(out)}
+
+
+def _export_hf_run(model, cfg: TrainConfig, out: Path, fmt: str, scheme: str | None, qat: bool) -> dict:
+    """``--format hf`` or ``compressed-tensors`` of a run that trained a Hugging Face Llama (``model``:
+    its ``HFCausalLM``, whose ``.hf`` is the LlamaForCausalLM). ``hf``: the folder such a run writes
+    at its end (``cage.llama.job.sources.save_hf_run``), from its latest checkpoint;
+    ``compressed-tensors``: ``cage.export_ct`` of the converted LlamaForCausalLM, with the run's
+    tokenizer. ``--format cage`` stores the project's Llama only."""
+    if fmt == "cage":
+        raise ValueError("--format cage: the run trained a Hugging Face Llama (--hf-model/--hf-config); "
+                         "export it with --format hf or compressed-tensors")
+    from .job.sources import save_hf_run, write_tokenizer
+
+    hf = model.hf
+    if fmt == "compressed-tensors":
+        if not any(isinstance(m, QATLinear) for m in hf.modules()):
+            raise ValueError(f"--format compressed-tensors: the run ({cfg.method}) has no quantized layer; "
+                             "export it with --format hf (a plain Llama checkpoint)")
+        from ..export_ct import check_exportable, export_compressed_tensors
+
+        convert(hf)
+        check_exportable(hf, scheme)  # every refusal before the folder is made
+    with whole_or_nothing(out):
+        if fmt == "hf":
+            report = save_hf_run(model, cfg, out, qat=qat)
+        else:
+            hf.config.use_cache = True  # as save_hf_run: the training run turned it off; generation wants it
+            report = export_compressed_tensors(hf, out, scheme)
+            write_tokenizer(cfg, out, int(getattr(hf.config, "max_position_embeddings", 2048)))
+        (out / EXPORT_INFO).write_text(json.dumps({"format": fmt, "scheme": scheme, "qat": qat,
+                                                   TRAIN_CONFIG_KEY: cfg.to_dict(), "hf_config": model.config_dict()},
+                                                  indent=2, sort_keys=True, default=str) + "\n")
+    return {**report, "files": folder_files(out)}
+
+
+@contextlib.contextmanager
+def whole_or_nothing(out: Path):
+    """Make ``out`` (new, or an empty folder: ``check_out_folder``) for the block to write into; if the
+    block fails, leave nothing half written: remove what is in it, and the folder if it was made here."""
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    try:
+        yield
     except BaseException:
-        for f in out.iterdir():  # the folder was new or empty: leave nothing half written
-            if f.is_file():
+        for f in out.iterdir():  # the folder was new or empty: everything in it is the block's
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f)
+            else:
                 f.unlink()
-        if created and not any(out.iterdir()):
+        if created:
             out.rmdir()
         raise
-    (out / EXPORT_INFO).write_text(json.dumps({"format": fmt, "scheme": scheme, "qat": qat, **extra}, indent=2,
-                                              sort_keys=True) + "\n")
-    return {**report, "files": folder_files(out)}
-
-
-def _export_hf_run(model, cfg: TrainConfig, out: Path, fmt: str, qat: bool) -> dict:
-    """``--format hf`` of a run that trained a Hugging Face Llama (``cage.llama.job.sources.save_hf_run``:
-    the folder such a run writes at its end, from its latest checkpoint)."""
-    if fmt != "hf":
-        raise ValueError(f"--format {fmt}: the run trained a Hugging Face Llama (--hf-model/--hf-config); "
-                         "export it with --format hf")
-    from .job.sources import save_hf_run
-
-    out.mkdir(exist_ok=True)
-    report = save_hf_run(model, cfg, out, qat=qat)
-    (out / EXPORT_INFO).write_text(json.dumps({"format": fmt, "scheme": None, "qat": qat, TRAIN_CONFIG_KEY: cfg.to_dict(),
-                                              "hf_config": model.config_dict()}, indent=2, sort_keys=True, default=str)
-                                   + "\n")
-    return {**report, "files": folder_files(out)}
 
 
 def folder_files(folder: Path) -> dict[str, int]:
