@@ -187,8 +187,24 @@ def test_fine_tuning_defaults_apply_unless_given(assets):
         FINETUNE_DEFAULTS["peak_lr"], FINETUNE_DEFAULTS["warmup_frac"], FINETUNE_DEFAULTS["silence_ratio"])
     cfg = parse(["--hf-model", assets["model"], "--lr", "1e-4", "--silence-ratio", "0.7"])
     assert (cfg.peak_lr, cfg.warmup_frac, cfg.silence_ratio) == (1e-4, FINETUNE_DEFAULTS["warmup_frac"], 0.7)
-    assert parse(["--hf-config", str(Path(assets["model"]) / "config.json")]).silence_ratio == TrainConfig.silence_ratio
+    assert parse(["--hf-config", str(Path(assets["model"]) / "config.json")]).silence_ratio == TrainConfig().silence_ratio
     assert "runs/cage-w4a4-tiny-llama-seed0" == parse(["--hf-model", assets["model"]]).out
+
+
+def test_the_python_api_applies_the_fine_tuning_defaults_as_the_cli_does(assets):
+    # issue 19 review: TrainConfig(hf_model=...) took lr 2e-5 but the pretraining warm-up 0.1 and
+    # silence ratio 0.8, which only the CLI replaced; the defaults now live in TrainConfig alone
+    api, cli_cfg = TrainConfig(hf_model=assets["model"]), parse(["--hf-model", assets["model"]])
+    want = (FINETUNE_DEFAULTS["peak_lr"], FINETUNE_DEFAULTS["warmup_frac"], FINETUNE_DEFAULTS["silence_ratio"])
+    assert (api.peak_lr, api.warmup_frac, api.silence_ratio) == want
+    assert {k: v for k, v in cli_cfg.to_dict().items() if k != "out"} == {k: v for k, v in api.to_dict().items()
+                                                                          if k != "out"}
+    given = TrainConfig(hf_model=assets["model"], lr=1e-4, warmup_frac=0.2, silence_ratio=0.7)
+    assert (given.peak_lr, given.warmup_frac, given.silence_ratio) == (1e-4, 0.2, 0.7)
+    own = TrainConfig()  # the job's own Llama and --hf-config: the pretraining recipe
+    assert (own.warmup_frac, own.silence_ratio) == (0.1, 0.8)
+    hf_config = TrainConfig(hf_config=str(Path(assets["model"]) / "config.json"))
+    assert (hf_config.warmup_frac, hf_config.silence_ratio, hf_config.peak_lr) == (0.1, 0.8, own.peak_lr)
 
 
 def test_options_are_checked_by_name_before_any_work(assets, tmp_path, capsys):

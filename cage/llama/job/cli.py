@@ -153,17 +153,6 @@ def _finetune_help() -> str:
     return text.replace("%", "%%")  # argparse formats help strings with %
 
 
-def finetune_defaults(given: dict) -> dict:
-    """--hf-model without --lr / --warmup-frac / --silence-ratio: the fine-tuning defaults
-    (``cage.llama.hf_model.FINETUNE_DEFAULTS``) for those not given."""
-    from ..hf_model import FINETUNE_DEFAULTS
-
-    if given.get("hf_model") is None:
-        return given
-    fields = {"lr": "peak_lr", "warmup_frac": "warmup_frac", "silence_ratio": "silence_ratio"}
-    return {**{k: FINETUNE_DEFAULTS[v] for k, v in fields.items() if k not in given}, **given}
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}
@@ -173,7 +162,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 raise ValueError(f"--{name} sizes the job's own Llama; the --hf-model/--hf-config model's sizes are "
                                  "its config.json's (leave it out)")
     if not given.get("resume"):
-        cfg = TrainConfig(**finetune_defaults(given))
+        cfg = TrainConfig(**given)  # --hf-model's fine-tuning defaults: TrainConfig.recipe_default
         return cfg if cfg.out else dataclasses.replace(cfg, out=default_out_dir(cfg))
     if given.get("overwrite"):
         raise ValueError(RESUME_AND_OVERWRITE)

@@ -28,6 +28,10 @@ CPU_PRESET_LR = 3e-3  # peak lr of the small CPU presets (the paper's sizes have
 
 RESUME_AND_OVERWRITE = "--resume continues the run in --out and --overwrite replaces it: give one of them"
 
+# the job's pretraining recipe for the fields that --hf-model gives fine-tuning values
+# (cage.llama.hf_model.FINETUNE_DEFAULTS); the learning rate's is PRESET_LR / CPU_PRESET_LR
+PRETRAIN_DEFAULTS = {"warmup_frac": 0.1, "silence_ratio": 0.8}
+
 MAX_AUTO_BLOCK_SIZE = 128  # block_size None: the largest power of two up to this that fits
 
 
@@ -94,10 +98,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max gradient norm; inf: no clipping
-    warmup_frac: float = 0.1
+    warmup_frac: float | None = None  # None: recipe_default's (0.1; --hf-model: 0.03), set at construction
     final_lr_frac: float = 0.1
     cage_lambda: float = 10.0  # used by method cage only; the others run with lambda 0
-    silence_ratio: float = 0.8
+    silence_ratio: float | None = None  # None: recipe_default's (0.8; --hf-model: 0.5), set at construction
     schedule: str = "linear_ramp"
     coupling: str = "decoupled"
     seed: int = 0
@@ -133,6 +137,23 @@ class TrainConfig:
         # these change only the order in which the same gradients are summed
         "parallel", "grad_accum",
     )
+
+    def __post_init__(self) -> None:
+        # the one place the defaults of a run's recipe are applied, for the CLI and Python alike
+        for name in PRETRAIN_DEFAULTS:
+            if getattr(self, name) is None:
+                setattr(self, name, self.recipe_default(name))
+
+    def recipe_default(self, name: str) -> float:
+        """The default of ``name`` (peak_lr, warmup_frac, silence_ratio) for this run: the
+        fine-tuning recipe with --hf-model, the job's pretraining recipe otherwise."""
+        if self.hf_model is not None:
+            from ..hf_model import FINETUNE_DEFAULTS
+
+            return FINETUNE_DEFAULTS[name]
+        if name == "peak_lr":
+            return PRESET_LR.get(self.preset, CPU_PRESET_LR)
+        return PRETRAIN_DEFAULTS[name]
 
     def validate(self) -> None:
         """Raise ValueError naming the option of the first setting that cannot run. Cheap (no
@@ -285,13 +306,7 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        if self.hf_model is not None:
-            from ..hf_model import FINETUNE_DEFAULTS
-
-            return FINETUNE_DEFAULTS["peak_lr"]
-        return PRESET_LR.get(self.preset, CPU_PRESET_LR)
+        return self.lr if self.lr is not None else self.recipe_default("peak_lr")
 
     @property
     def optimizer_lambda(self) -> float:
