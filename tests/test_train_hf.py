@@ -345,3 +345,56 @@ def test_gradient_checkpointing_counts_in_the_memory_check(assets, monkeypatch):
     with pytest.raises(ValueError, match="--batch-size 4096: one micro-batch of 4096 sequences"):
         plain.validate()
     checkpointed.validate()  # the same batch fits with --gradient-checkpointing
+
+
+def test_the_pretrained_loss_is_taken_on_the_wrapped_model_with_its_quantizers_off(assets, monkeypatch):
+    # issue 19 review: the pretrained model was evaluated before par.wrap, so under FSDP2 every
+    # process held it whole; now it is evaluated as the run holds it, its QAT layers' quantizers
+    # off for that evaluation (the same number as the pretrained model's own evaluation)
+    import contextlib
+
+    import cage
+    from cage.llama.hf_model import load_hf_model
+    from cage.llama.job import loop as loop_mod
+    from cage.llama.job.distributed import Parallel
+    from cage.llama.job.sources import RunData
+
+    order, real_wrap, real_eval = [], Parallel.wrap, loop_mod.evaluate
+    monkeypatch.setattr(Parallel, "wrap", lambda self, model, device: order.append("wrap") or real_wrap(self, model,
+                                                                                                         device))
+
+    def evaluate(model, *args, **kwargs):
+        qat = [m for m in model.modules() if isinstance(m, cage.QATLinear)]
+        order.append(("evaluate", len(qat), all(m.weight_quant is None and m.act_quant is None for m in qat)))
+        return real_eval(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "evaluate", evaluate)
+    cfg = TrainConfig(out=None, **run_cfg(assets, steps=1, eval_every=1))
+    m = train(cfg)
+    assert order[:3] == ["wrap", ("evaluate", 14, True), ("evaluate", 14, False)]  # then step 0's, quantized
+    want = real_eval(load_hf_model(assets["model"]), RunData(cfg), "val", cfg.eval_batches, cfg.batch_size,
+                     torch.device("cpu"), contextlib.nullcontext())
+    assert m["pretrained_val_loss"] == want
+
+
+def test_the_runs_hf_folder_model_holds_the_gathered_weights_without_a_second_copy(one_process, monkeypatch):
+    # issue 19 review: write_run_hf_folder built and initialised a second full model on rank 0;
+    # now it is built on the meta device and takes the gathered tensors themselves
+    from cage.llama.job import build as build_mod
+    from cage.llama.job.distributed import Parallel
+    from cage.llama.job.sources import model_holding, write_run_hf_folder
+
+    core, cfg = load_run_model(one_process[0])
+    state = core.state_dict()
+    fresh = model_holding(cfg, state)
+    assert all(fresh.state_dict()[k].data_ptr() == v.data_ptr() for k, v in state.items())
+    assert not any(t.is_meta for t in [*fresh.parameters(), *fresh.buffers()])
+    assert fresh.hf.lm_head.weight is fresh.hf.model.embed_tokens.weight  # tied, as the run's
+    idx = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(idx)[0], core(idx)[0])
+    devices, real_build = [], build_mod.build_model
+    monkeypatch.setattr(build_mod, "build_model", lambda cfg, device, **kw: devices.append(device.type)
+                        or real_build(cfg, device, **kw))
+    write_run_hf_folder(cfg, core, Parallel(), one_process[0] / "hf-again")
+    assert devices == ["meta"] and (one_process[0] / "hf-again" / "model.safetensors").is_file()

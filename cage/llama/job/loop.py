@@ -9,6 +9,7 @@ at every evaluation), ``train_log.csv`` and ``tensorboard/`` (``cage.llama.job.r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from ...linear import qat_param_groups
+from ...linear import QATLinear, qat_param_groups
 from ...optim import CAGEAdamW
 from ..data import SPLITS, TextData, load_corpus
 from ..model import count_params
@@ -55,6 +56,20 @@ def evaluate(model, data: TextData, split: str, n_batches: int, batch_size: int,
         total += loss.detach().to(total.dtype)
     model.train(was_training)
     return float(par.mean(total)) / n_batches
+
+
+@contextlib.contextmanager
+def unquantized(model: torch.nn.Module):
+    """``model``'s QAT layers without their quantizers for the duration: each computes
+    ``F.linear(x, weight, bias)``, the nn.Linear it was prepared from (prepare_qat keeps the weights)."""
+    layers = [(m, m.weight_quant, m.act_quant) for m in model.modules() if isinstance(m, QATLinear)]
+    try:
+        for m, _, _ in layers:
+            m.weight_quant = m.act_quant = None
+        yield model
+    finally:
+        for m, w, a in layers:
+            m.weight_quant, m.act_quant = w, a
 
 
 def _fmt_time(seconds: float) -> str:
@@ -251,16 +266,18 @@ class TrainRun:
         self.data = RunData(cfg, load_corpus)  # this module's name: what tests replace to see when it loads
         if cfg.is_hf:
             base = build_hf_model(cfg, pretrained=not cfg.resume)  # resumed: the checkpoint's weights
-            if cfg.hf_model is not None and not cfg.resume:
-                # the gap a QAT fine-tune leaves: the pretrained model as it was, unquantized
-                base.to(self.device)
-                self.history["pretrained_val_loss"] = evaluate(base, self.data, "val", cfg.eval_batches,
-                                                               cfg.batch_size, self.device, self.amp, par)
             self.core, self.wq, self.aq = prepare_model(cfg, base, self.device)
         else:
             self.core, self.wq, self.aq = build_model(cfg, self.device)
         self.model = par.wrap(self.core, self.device)
-        self.optimizer = make_optimizer(cfg, self.core)
+        self.optimizer = make_optimizer(cfg, self.core)  # before the first forward (FSDP2's lazy init)
+        if cfg.hf_model is not None and not cfg.resume:
+            # the gap a QAT fine-tune leaves: the pretrained model as it was, unquantized (the QAT
+            # layers hold its weights; their quantizers off, each is its nn.Linear), evaluated as
+            # the run holds it (sharded under FSDP2), not as a second full copy on every process
+            with unquantized(self.core):
+                self.history["pretrained_val_loss"] = evaluate(self.model, self.data, "val", cfg.eval_batches,
+                                                               cfg.batch_size, self.device, self.amp, par)
 
     def restore(self) -> None:
         """Continue from the checkpoint in ``out`` (--resume): its weights, optimizer, data order,

@@ -420,20 +420,37 @@ def full_model_state(model, par) -> dict | None:
     return state if par.is_main else None
 
 
+def model_holding(cfg, state: dict):
+    """An HF run's model (prepared, on the CPU) whose parameters are ``state``'s tensors: built on
+    the meta device and assigned, so no second full model is allocated or initialised; the rotary
+    embedding's buffers (not in a state dict) are computed again, and a tied head tied again."""
+    from .build import build_model
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        fresh, _, _ = build_model(cfg, torch.device("meta"), pretrained=False)
+    fresh.load_state_dict(state, assign=True)
+    base = fresh.hf.model
+    base.rotary_emb = type(base.rotary_emb)(config=fresh.hf.config)
+    if getattr(fresh.hf.config, "tie_word_embeddings", False):
+        fresh.hf.lm_head.weight = base.embed_tokens.weight
+    left = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
+    if left:  # a module this does not know to rebuild: the plain way
+        fresh, _, _ = build_model(cfg, torch.device("cpu"), pretrained=False)
+        fresh.load_state_dict(state)
+    return fresh
+
+
 @torch.no_grad()
 def write_run_hf_folder(cfg, model, par, folder: Path) -> dict | None:
     """At the end of an HF run: its model as an HF folder (rank 0 writes; every process takes part
-    in gathering the weights). A fresh model of the run's architecture gets the trained weights, so
-    the training model is not converted."""
-    from .build import build_model
-
+    in gathering the weights). A model of the run's architecture gets the trained weights, so the
+    training model is not converted (:func:`model_holding`: no second full model)."""
     state = full_model_state(model, par)
     report = None
     if par.is_main:
         if folder.exists():  # left by an earlier session that stopped before its last checkpoint
             shutil.rmtree(folder)
-        fresh, _, _ = build_model(cfg, torch.device("cpu"), pretrained=False)
-        fresh.load_state_dict({k: v.to("cpu") for k, v in state.items()})
+        fresh = model_holding(cfg, {k: v.to("cpu") for k, v in state.items()})
         report = save_hf_run(fresh.eval(), cfg, folder)
     par.barrier()
     return report
