@@ -12,13 +12,13 @@ micro-batches of 2, as DDP with grad_accum 2 runs here; 1e-2 with 1).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from cage.llama import cli
 from cage.llama.export import load_run_model
@@ -45,12 +45,6 @@ def cli_args(**kw) -> list[str]:
         else:
             args += [f"--{k.replace('_', '-')}", str(v)]
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(out: Path, nproc: int = 2, **extra) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,8 +143,6 @@ def torchrun(out: Path, assets, **extra) -> subprocess.CompletedProcess:
             args.append(f"--{k.replace('_', '-')}")
         else:
             args += [f"--{k.replace('_', '-')}", str(v)]
-    from tests.test_job_distributed import free_port
-
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "cage", "train", *args, "--out", str(out)]
@@ -158,7 +157,16 @@ def test_ddp_on_two_processes_matches_one(one_process, assets, tmp_path):
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(one_process[0])), rtol=RTOL, atol=0)
     m = json.loads((out / "metrics.json").read_text())
     assert m["pretrained_val_loss"] == pytest.approx(one_process[1]["pretrained_val_loss"], rel=RTOL)
-    assert (out / "hf" / "model.safetensors").is_file()
+    # rank 0's RUN/hf/ holds the run's model: its logits are the checkpoint's model's
+    import cage.hf  # noqa: F401  registers quant_method "cage"
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    core, _ = load_run_model(out)
+    idx = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = core(idx)[0]
+        torch.testing.assert_close(loaded(input_ids=idx).logits, want, rtol=0,
+                                   atol=1e-5 * max(1.0, want.abs().max().item()))
 
 
 def test_fsdp2_stopped_on_two_processes_resumes_on_one(one_process, assets, tmp_path):
@@ -168,7 +176,10 @@ def test_fsdp2_stopped_on_two_processes_resumes_on_one(one_process, assets, tmp_
     m = json.loads((out / "metrics.json").read_text())
     assert m["completed"] and m["final_val_loss"] == pytest.approx(one_process[1]["final_val_loss"], rel=FSDP2_RTOL)
     got, want = losses(out), losses(one_process[0])
-    assert got[:2] == want[:2]  # the same batches and start: equal until a rounding difference flips a code
+    # step 1: the same weights and micro-batches, the mean of the same two losses (measured equal);
+    # step 2 follows gradients FSDP2 summed in another order, which exactness does not survive in
+    # general: both to DDP's RTOL, the whole run to FSDP2_RTOL
+    torch.testing.assert_close(torch.tensor(got[:2]), torch.tensor(want[:2]), rtol=RTOL, atol=0)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=FSDP2_RTOL, atol=0)
     assert m["pretrained_val_loss"] == pytest.approx(one_process[1]["pretrained_val_loss"], rel=RTOL)
 
