@@ -198,11 +198,15 @@ def test_integer_grid_round_trip_and_version_1_configs(tmp_path):
             load(tmp_path / "v1")
 
 
-def training_args(output_dir, **kwargs):
-    """transformers' TrainingArguments for these tests: on the CPU, quiet, reporting nowhere."""
-    pytest.importorskip("accelerate")  # TrainingArguments needs it
-    return transformers.TrainingArguments(output_dir=str(output_dir), report_to=[], use_cpu=True, disable_tqdm=True,
-                                          **kwargs)
+def cage_trainer(model, output_dir, rows, steps, batch, **kwargs):
+    """A transformers Trainer with CAGEAdamW on ``rows`` random sequences of 16 tokens, on the CPU,
+    quiet, reporting nowhere (TrainingArguments needs accelerate: the hf extra installs it)."""
+    ids = torch.randint(0, 96, (rows, 16), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(output_dir), report_to=[], use_cpu=True, disable_tqdm=True,
+                                          max_steps=steps, per_device_train_batch_size=batch, **kwargs)
+    return transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(
+        cage.CAGEAdamW, {"model": model, "lr": 1e-3, "total_steps": steps}))
 
 
 def test_trainer_keeps_training_a_loaded_qat_model(tmp_path):
@@ -210,11 +214,7 @@ def test_trainer_keeps_training_a_loaded_qat_model(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qat")
     model.train()
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    args = training_args(tmp_path / "out", max_steps=3, per_device_train_batch_size=4, save_strategy="no", logging_steps=1)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(
-        cage.CAGEAdamW, {"model": model, "lr": 1e-3, "total_steps": 3}))
+    trainer = cage_trainer(model, tmp_path / "out", rows=8, steps=3, batch=4, save_strategy="no", logging_steps=1)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -224,7 +224,7 @@ def test_trainer_keeps_training_a_loaded_qat_model(tmp_path):
     cage.hf.save_pretrained(cage.convert(_hf_llama()), tmp_path / "converted")
     served = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
     with pytest.raises(ValueError, match="purely quantized"):
-        transformers.Trainer(model=served, args=args, train_dataset=data)
+        transformers.Trainer(model=served, args=trainer.args, train_dataset=trainer.train_dataset)
 
 
 @pytest.mark.parametrize("value, message", [
@@ -271,11 +271,7 @@ def test_prepare_qat_on_a_pretrained_model_makes_plain_save_pretrained_carry_the
 
 def test_a_trainer_checkpoint_of_a_prepared_model_loads_with_its_qat_layers(tmp_path):
     model = _hf_llama().train()
-    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    args = training_args(tmp_path / "out", max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(
-        cage.CAGEAdamW, {"model": model, "lr": 1e-3, "total_steps": 2}))
+    trainer = cage_trainer(model, tmp_path / "out", rows=4, steps=2, batch=2, save_strategy="steps", save_steps=2)
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
     qc = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
